@@ -1,0 +1,116 @@
+"""Bytes from the outside world -> an RGB uint8 tensor, or a clear per-request error.
+
+Every failure raises ``RequestError`` carrying the HTTP status for that one request, so the
+handler can answer it with a 4xx JSON error while its batch-mates are served normally.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.transforms.v2 import functional as F
+
+# Decompression bombs: refuse images above this many pixels before decoding them.
+DEFAULT_MAX_PIXELS = 40_000_000
+# PIL's own bomb guard would fire on different thresholds; we check the header ourselves.
+Image.MAX_IMAGE_PIXELS = None
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+class RequestError(ValueError):
+    """A problem with one request: carries an HTTP status and a short machine-readable code."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+    def to_json(self) -> dict:
+        return {"error": {"code": self.code, "message": self.message}}
+
+
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open and fully decode an image with PIL; EXIF orientation applied; first frame only."""
+    if not data:
+        raise RequestError(400, "empty_body", "the request carried no image bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = Image.open(io.BytesIO(data))
+            width, height = img.size
+            if width * height > max_pixels:
+                raise RequestError(
+                    413,
+                    "too_many_pixels",
+                    f"image is {width}x{height} = {width * height} pixels, the limit is {max_pixels}",
+                )
+            img.seek(0)
+            img.load()
+            img = ImageOps.exif_transpose(img)
+    except RequestError:
+        raise
+    except UnidentifiedImageError:
+        raise RequestError(415, "not_an_image", "the body is not an image format we can decode") from None
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
+        raise RequestError(400, "invalid_image", f"the image could not be decoded: {e}") from None
+    return img
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB (16-bit scaled down, alpha dropped, palette and CMYK converted)."""
+    if img.mode.startswith("I"):
+        # 16/32-bit greyscale: PIL's own convert("L") clips instead of scaling, so scale here.
+        wide = torch.frombuffer(bytearray(img.convert("I").tobytes()), dtype=torch.int32)
+        narrow = wide.clamp(0, 65535).div(257).round().to(torch.uint8)
+        img = Image.frombytes("L", img.size, narrow.numpy().tobytes())
+    elif img.mode == "P":
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+def pil_to_tensor(img: Image.Image) -> torch.Tensor:
+    """Any PIL image -> uint8 RGB [3, H, W] tensor."""
+    return F.pil_to_tensor(to_rgb(img))
+
+
+def decode_image(
+    data: bytes, device: torch.device | str = "cpu", max_pixels: int = DEFAULT_MAX_PIXELS
+) -> torch.Tensor:
+    """Decode image bytes to uint8 [3, H, W] on ``device``.
+
+    On CUDA, JPEGs go through nvjpeg (``torchvision.io.decode_jpeg(device="cuda")``) after PIL
+    has read the header for the pixel cap; anything nvjpeg refuses (CMYK, progressive edge
+    cases) falls back to PIL.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and data[:3] == JPEG_MAGIC:
+        tensor = _decode_jpeg_cuda(data, device, max_pixels)
+        if tensor is not None:
+            return tensor
+    return pil_to_tensor(open_image(data, max_pixels)).to(device)
+
+
+def _decode_jpeg_cuda(data: bytes, device: torch.device, max_pixels: int) -> torch.Tensor | None:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        header = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, OSError) as e:
+        raise RequestError(400, "invalid_image", f"the image could not be decoded: {e}") from None
+    width, height = header.size
+    if width * height > max_pixels:
+        raise RequestError(
+            413, "too_many_pixels", f"image is {width}x{height} pixels, the limit is {max_pixels}"
+        )
+    if header.mode not in ("RGB", "L"):
+        return None
+    try:
+        raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        return decode_jpeg(raw, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+    except RuntimeError:
+        return None

@@ -1,0 +1,135 @@
+"""TorchServe entry point: a thin ``BaseHandler`` shell over ``handler.detector.Detector``.
+
+TorchServe requires exactly one class defined in this module. Everything it does per request
+(decode, geometry, forward, post-processing) lives in the ``handler`` package next to it in the
+.mar; this file only maps TorchServe's batch and context onto it and turns each bad request into
+its own 4xx JSON answer so that batch-mates are served and the worker lives on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import torch
+from ts.torch_handler.base_handler import BaseHandler
+
+from handler.decode import RequestError
+from handler.detector import Detector, load_card
+from handler.request import parse_params, split_request
+
+logger = logging.getLogger(__name__)
+
+
+class EffDetHandler(BaseHandler):
+    """initialize / preprocess / inference / postprocess around the shared Detector core."""
+
+    def initialize(self, context) -> None:
+        props = context.system_properties
+        model_dir = props.get("model_dir")
+        yaml_cfg = (getattr(context, "model_yaml_config", None) or {}).get("handler", {}) or {}
+        gpu_id = props.get("gpu_id")
+        if torch.cuda.is_available() and gpu_id is not None:
+            self.device = torch.device(f"cuda:{gpu_id}")
+        else:
+            self.device = torch.device("cpu")
+        threads = yaml_cfg.get("torch_threads")
+        if threads:
+            torch.set_num_threads(int(threads))
+        serialized = context.manifest["model"].get("serializedFile", "model.pt")
+        card = load_card(model_dir)
+        precision = yaml_cfg.get("precision", "fp32") if self.device.type == "cuda" else "fp32"
+        self.detector = Detector(
+            os.path.join(model_dir, serialized),
+            device=self.device,
+            precision=precision,
+            score_threshold=yaml_cfg.get("score_threshold"),
+            iou_threshold=yaml_cfg.get("iou_threshold"),
+            max_pixels=int(yaml_cfg.get("max_pixels", 40_000_000)),
+            card=card,
+        )
+        self.model_info = {
+            "name": context.manifest["model"].get("modelName", card.get("name")),
+            "version": context.manifest["model"].get("modelVersion", "1.0"),
+        }
+        self.detector.warm_up()
+        self.context = context
+        self.initialized = True
+        logger.info("effdet handler ready on %s (%s), classes=%s", self.device, precision, card["classes"])
+
+    def preprocess(self, data: list[dict]) -> list:
+        """Each row -> (uint8 image, Params) or the RequestError that row earned."""
+        items = []
+        for row in data:
+            try:
+                raw, params = split_request(row)
+                params = parse_params(params, self.detector.defaults, self.detector.max_det_per_image)
+                items.append((self.detector.decode(raw), params))
+            except RequestError as e:
+                items.append(e)
+        return items
+
+    def inference(self, items: list, *args, **kwargs) -> torch.Tensor | None:
+        good = [it for it in items if not isinstance(it, RequestError)]
+        if not good:
+            return None
+        return self.detector.detect_tensors(
+            [img for img, _ in good], [p.iou_threshold for _, p in good]
+        ).cpu()
+
+    def postprocess(self, detections: torch.Tensor | None, items: list | None = None) -> list[dict]:
+        answers, k = [], 0
+        for idx, item in enumerate(items):
+            if isinstance(item, RequestError):
+                self.context.set_response_status(item.status, item.message, idx)
+                answers.append(item.to_json())
+                continue
+            img, params = item
+            response = self.detector.to_response(detections[k], img.shape[-1], img.shape[-2], params)
+            answers.append({"model": self.model_info, **response})
+            k += 1
+        return answers
+
+    def handle(self, data: list[dict], context) -> list[dict]:
+        self.context = context
+        t0 = time.perf_counter()
+        items = self.preprocess(data)
+        t1 = time.perf_counter()
+        detections = self.inference(items)
+        t2 = time.perf_counter()
+        answers = self.postprocess(detections, items)
+        t3 = time.perf_counter()
+        self._metrics(context, t1 - t0, t2 - t1, t3 - t2, answers)
+        return answers
+
+    def describe_handle(self) -> str:
+        import json
+
+        card = self.detector.card
+        return json.dumps(
+            {
+                "model": self.model_info,
+                "classes": card["classes"],
+                "image_size": card["preprocessing"]["size"],
+                "defaults": self.detector.defaults.__dict__,
+                "device": str(self.device),
+                "provenance": card.get("provenance", {}),
+                "metrics": card.get("metrics", {}),
+            }
+        )
+
+    @staticmethod
+    def _metrics(context, pre: float, inf: float, post: float, answers: list[dict]) -> None:
+        metrics = getattr(context, "metrics", None)
+        if metrics is None:
+            return
+        try:
+            metrics.add_time("EffDetPreprocessTime", pre * 1000, None, "ms")
+            metrics.add_time("EffDetInferenceTime", inf * 1000, None, "ms")
+            metrics.add_time("EffDetPostprocessTime", post * 1000, None, "ms")
+            for a in answers:
+                if "detections" in a:
+                    metrics.add_counter("EffDetDetections", len(a["detections"]), None)
+        except Exception:  # metrics must never fail a request
+            logger.debug("metric emission failed", exc_info=True)

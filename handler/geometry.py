@@ -1,0 +1,65 @@
+"""The one definition of the image geometry, shared by training, export and serving.
+
+An image goes into the network by an aspect-preserving resize that fits it inside the model's
+(H, W), padding at the bottom and right, and ImageNet normalisation (padding is 0 after
+normalisation, i.e. the mean colour, as effdet's own ``ResizePad`` does). Boxes predicted on
+the network input are mapped back to the image by multiplying with ``img_scale``. Training
+(validation transform), the handler and the tests import these functions from here, so the
+two sides cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torchvision.transforms.v2 import functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How pixels become the network input: model size (H, W), resize policy, normalisation."""
+
+    size: tuple[int, int]
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    resize: str = "letterbox"
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Geometry:
+        if d.get("resize", "letterbox") != "letterbox":
+            raise ValueError(f"unsupported resize policy {d.get('resize')!r} (only 'letterbox')")
+        return cls(size=tuple(d["size"]), mean=tuple(d["mean"]), std=tuple(d["std"]))
+
+
+def letterbox_size(height: int, width: int, size: tuple[int, int]) -> tuple[int, int, float]:
+    """Resized (h, w) and the scale factor that fit an image inside ``size`` keeping its aspect."""
+    scale = min(size[0] / height, size[1] / width)
+    new_h = min(size[0], max(1, round(height * scale)))
+    new_w = min(size[1], max(1, round(width * scale)))
+    return new_h, new_w, scale
+
+
+def letterbox(image: torch.Tensor, geometry: Geometry) -> tuple[torch.Tensor, float]:
+    """uint8 CHW RGB image -> (normalised float32 CHW of ``geometry.size``, img_scale).
+
+    ``img_scale`` maps network-input pixels back to image pixels (effdet's convention).
+    Works on any device; the resize is bilinear with antialiasing.
+    """
+    if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"expected a uint8 [3, H, W] tensor, got {image.dtype} {list(image.shape)}")
+    height, width = image.shape[-2:]
+    new_h, new_w, scale = letterbox_size(height, width, geometry.size)
+    x = image.to(torch.float32).div_(255.0)
+    x = F.resize(x, [new_h, new_w], interpolation=F.InterpolationMode.BILINEAR, antialias=True)
+    x = F.normalize(x, mean=list(geometry.mean), std=list(geometry.std))
+    pad_bottom, pad_right = geometry.size[0] - new_h, geometry.size[1] - new_w
+    x = torch.nn.functional.pad(x, (0, pad_right, 0, pad_bottom), value=0.0)
+    return x, 1.0 / scale

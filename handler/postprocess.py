@@ -1,0 +1,158 @@
+"""Head outputs -> boxes, derived from effdet's ``DetBenchPredict`` but vectorised over the batch.
+
+effdet runs ``_post_process`` (top-k over all levels) and then loops over the images calling
+``generate_detections`` (decode, clip, per-class NMS, ``max_det_per_image``). Here the same
+steps run once for the whole batch: one top-k, one decode, one ``batched_nms`` with
+(image, class) as the group id, and a scatter of each image's best detections into a padded
+``[B, max_det_per_image, 6]`` tensor. The result equals effdet's, row for row (golden tests
+in ``tests/test_postprocess.py``). Pure functions of tensors; no effdet import.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torchvision.ops import batched_nms
+
+
+@dataclass(frozen=True)
+class AnchorConfig:
+    """The anchor-related keys of an effdet config."""
+
+    min_level: int
+    max_level: int
+    num_scales: int
+    aspect_ratios: tuple[tuple[float, float], ...]
+    anchor_scale: float
+    image_size: tuple[int, int]
+
+    @classmethod
+    def from_effdet_config(cls, cfg: dict) -> AnchorConfig:
+        ratios = tuple(
+            (r**0.5, 1.0 / r**0.5) if isinstance(r, int | float) else tuple(r) for r in cfg["aspect_ratios"]
+        )
+        return cls(
+            cfg["min_level"],
+            cfg["max_level"],
+            cfg["num_scales"],
+            ratios,
+            float(cfg["anchor_scale"]),
+            tuple(cfg["image_size"]),
+        )
+
+    @property
+    def anchors_per_location(self) -> int:
+        return self.num_scales * len(self.aspect_ratios)
+
+
+def feature_sizes(image_size: tuple[int, int], max_level: int) -> list[tuple[int, int]]:
+    """(H, W) of every level 0..max_level, halving with ceil as effdet's ``get_feat_sizes``."""
+    sizes = [tuple(image_size)]
+    for _ in range(max_level):
+        h, w = sizes[-1]
+        sizes.append(((h - 1) // 2 + 1, (w - 1) // 2 + 1))
+    return sizes
+
+
+def generate_anchors(cfg: AnchorConfig) -> torch.Tensor:
+    """All anchors [N, 4] as yxyx in network-input pixels, in effdet's order (level, y, x, anchor)."""
+    sizes = feature_sizes(cfg.image_size, cfg.max_level)
+    levels = []
+    for level in range(cfg.min_level, cfg.max_level + 1):
+        stride_y = sizes[0][0] / float(sizes[level][0])
+        stride_x = sizes[0][1] / float(sizes[level][1])
+        y = torch.arange(stride_y / 2, cfg.image_size[0], stride_y, dtype=torch.float64)
+        x = torch.arange(stride_x / 2, cfg.image_size[1], stride_x, dtype=torch.float64)
+        yv, xv = torch.meshgrid(y, x, indexing="ij")
+        yv, xv = yv.reshape(-1), xv.reshape(-1)
+        per_anchor = []
+        for octave in range(cfg.num_scales):
+            octave_scale = octave / float(cfg.num_scales)
+            for aspect_x, aspect_y in cfg.aspect_ratios:
+                half_x = cfg.anchor_scale * stride_x * 2**octave_scale * aspect_x / 2.0
+                half_y = cfg.anchor_scale * stride_y * 2**octave_scale * aspect_y / 2.0
+                per_anchor.append(torch.stack([yv - half_y, xv - half_x, yv + half_y, xv + half_x], dim=1))
+        levels.append(torch.stack(per_anchor, dim=1).reshape(-1, 4))
+    return torch.cat(levels).to(torch.float32)
+
+
+def flatten_levels(outputs: list[torch.Tensor], width: int) -> torch.Tensor:
+    """Per-level [B, A*width, h, w] maps -> [B, sum(h*w*A), width] in anchor order."""
+    batch = outputs[0].shape[0]
+    return torch.cat([o.permute(0, 2, 3, 1).reshape(batch, -1, width) for o in outputs], dim=1)
+
+
+def decode_boxes(rel_codes: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """Box regression (ty, tx, th, tw) against yxyx anchors -> xyxy boxes; any leading dims."""
+    ycenter_a = (anchors[..., 0] + anchors[..., 2]) / 2
+    xcenter_a = (anchors[..., 1] + anchors[..., 3]) / 2
+    ha = anchors[..., 2] - anchors[..., 0]
+    wa = anchors[..., 3] - anchors[..., 1]
+    ty, tx, th, tw = rel_codes.unbind(dim=-1)
+    w = torch.exp(tw) * wa
+    h = torch.exp(th) * ha
+    ycenter = ty * ha + ycenter_a
+    xcenter = tx * wa + xcenter_a
+    return torch.stack([xcenter - w / 2.0, ycenter - h / 2.0, xcenter + w / 2.0, ycenter + h / 2.0], dim=-1)
+
+
+def detect(
+    cls_outputs: list[torch.Tensor],
+    box_outputs: list[torch.Tensor],
+    anchors: torch.Tensor,
+    *,
+    num_classes: int,
+    max_detection_points: int = 5000,
+    max_det_per_image: int = 100,
+    iou_threshold: float = 0.5,
+    img_scale: torch.Tensor | None = None,
+    img_size: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Head outputs of a batch -> detections [B, max_det_per_image, 6] = (x1, y1, x2, y2, score, class).
+
+    ``img_scale`` [B] maps network pixels to image pixels; ``img_size`` [B, 2] is each image's
+    (width, height), boxes are clipped to it. Classes are 1-based; empty rows are zeros.
+    Computation is in float32 whatever the dtype of the head outputs.
+    """
+    cls_all = flatten_levels(cls_outputs, num_classes).float()
+    box_all = flatten_levels(box_outputs, 4).float()
+    batch, num_anchors = cls_all.shape[:2]
+    k = min(max_detection_points, num_anchors * num_classes)
+
+    _, topk = torch.topk(cls_all.reshape(batch, -1), k=k, dim=1)
+    anchor_idx = torch.div(topk, num_classes, rounding_mode="floor")
+    classes = topk % num_classes
+    logits = torch.gather(cls_all.reshape(batch, -1), 1, topk)
+    codes = torch.gather(box_all, 1, anchor_idx.unsqueeze(2).expand(-1, -1, 4))
+    boxes = decode_boxes(codes, anchors[anchor_idx])  # [B, k, 4] xyxy, network pixels
+
+    if img_scale is not None and img_size is not None:
+        limit = (img_size.to(boxes) / img_scale.to(boxes).unsqueeze(1)).repeat(1, 2).unsqueeze(1)
+        boxes = torch.minimum(boxes.clamp(min=0), limit)
+    scores = logits.sigmoid()
+
+    image_of = torch.arange(batch, device=boxes.device).repeat_interleave(k)
+    keep = batched_nms(
+        boxes.reshape(-1, 4), scores.reshape(-1), image_of * num_classes + classes.reshape(-1), iou_threshold
+    )
+    # keep is sorted by score over the whole batch; a stable sort by image keeps that order within each.
+    keep = keep[torch.sort(image_of[keep], stable=True).indices]
+    kept_image = image_of[keep]
+    starts = torch.cumsum(torch.bincount(kept_image, minlength=batch), 0) - torch.bincount(
+        kept_image, minlength=batch
+    )
+    rank = torch.arange(keep.numel(), device=keep.device) - starts[kept_image]
+    sel = rank < max_det_per_image
+    keep, kept_image, rank = keep[sel], kept_image[sel], rank[sel]
+
+    out_boxes = boxes.reshape(-1, 4)[keep]
+    if img_scale is not None:
+        out_boxes = out_boxes * img_scale.to(out_boxes)[kept_image].unsqueeze(1)
+    rows = torch.cat(
+        [out_boxes, scores.reshape(-1)[keep, None], (classes.reshape(-1)[keep, None] + 1).to(out_boxes)],
+        dim=1,
+    )
+    detections = boxes.new_zeros((batch, max_det_per_image, 6))
+    detections[kept_image, rank] = rows
+    return detections

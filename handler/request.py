@@ -1,0 +1,99 @@
+"""One TorchServe request row -> (image bytes, validated parameters), or a ``RequestError``.
+
+TorchServe hands the handler one dict per request: the raw body under ``body`` (or a multipart
+form field under its own name, ``data`` here), a JSON body already parsed into a dict, and each
+query-string parameter as its own entry. Everything here is pure and testable without a server.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+from dataclasses import dataclass
+
+from handler.decode import RequestError
+
+PARAMETERS = ("score_threshold", "iou_threshold", "max_detections")
+
+
+@dataclass(frozen=True)
+class Params:
+    """Per-request knobs with their validated values."""
+
+    score_threshold: float
+    iou_threshold: float
+    max_detections: int
+
+
+def _text(value) -> str:
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("utf-8", errors="replace")
+    return str(value)
+
+
+def _number(name: str, value, lo: float, hi: float, lo_open: bool = False) -> float:
+    try:
+        x = float(_text(value).strip()) if not isinstance(value, int | float) else float(value)
+    except ValueError:
+        raise RequestError(
+            400, "invalid_parameter", f"{name} must be a number, got {_text(value)!r}"
+        ) from None
+    if isinstance(value, bool) or not math.isfinite(x) or x > hi or x < lo or (lo_open and x == lo):
+        bracket = "(" if lo_open else "["
+        raise RequestError(400, "invalid_parameter", f"{name} must be in {bracket}{lo}, {hi}], got {x}")
+    return x
+
+
+def parse_params(raw: dict, defaults: Params, max_det_per_image: int) -> Params:
+    """Validate the caller's parameters against their ranges; absent ones take ``defaults``."""
+    score = raw.get("score_threshold")
+    iou = raw.get("iou_threshold")
+    max_det = raw.get("max_detections")
+    if max_det is not None:
+        n = _number("max_detections", max_det, 1, max_det_per_image)
+        if n != int(n):
+            raise RequestError(400, "invalid_parameter", f"max_detections must be an integer, got {n}")
+        max_det = int(n)
+    return Params(
+        score_threshold=defaults.score_threshold
+        if score is None
+        else _number("score_threshold", score, 0, 1),
+        iou_threshold=defaults.iou_threshold
+        if iou is None
+        else _number("iou_threshold", iou, 0, 1, lo_open=True),
+        max_detections=defaults.max_detections if max_det is None else max_det,
+    )
+
+
+def split_request(row: dict) -> tuple[bytes, dict]:
+    """Find the image bytes and the raw parameters in one TorchServe request row."""
+    params = {k: row[k] for k in PARAMETERS if k in row}
+    body = row.get("data")
+    if body is None:
+        body = row.get("body")
+    if body is None:
+        raise RequestError(400, "empty_body", "the request carried no image (raw body, form field 'data')")
+    if isinstance(body, str):
+        try:
+            body = json.loads(body)
+        except json.JSONDecodeError:
+            raise RequestError(
+                415, "not_an_image", "a text body is not an image; send bytes or JSON {'image': base64}"
+            ) from None
+    if isinstance(body, dict):
+        params.update({k: body[k] for k in PARAMETERS if k in body})
+        encoded = body.get("image")
+        if not isinstance(encoded, str) or not encoded:
+            raise RequestError(400, "missing_image", "a JSON body needs an 'image' field holding base64")
+        try:
+            data = base64.b64decode(
+                encoded.split(",", 1)[-1] if encoded.startswith("data:") else encoded, validate=True
+            )
+        except (binascii.Error, ValueError):
+            raise RequestError(400, "invalid_base64", "the 'image' field is not valid base64") from None
+        return data, params
+    if isinstance(body, bytes | bytearray):
+        return bytes(body), params
+    raise RequestError(400, "invalid_body", f"unsupported request body of type {type(body).__name__}")

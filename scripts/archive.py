@@ -1,0 +1,140 @@
+"""Package an exported model and the handler into ``model_store/NAME.mar`` with torch-model-archiver.
+
+    python -m scripts.archive runs/effdet_demo/export --name effdet_demo --version 1.0
+
+The archive holds the TorchScript file, ``model.json``, ``index_to_name.json``, the ``handler``
+package and a ``model-config.yaml``; serving it needs torch, torchvision, PIL and TorchServe only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+HANDLER_DIR = ROOT / "handler"
+ENTRY = "effdet_handler.py"
+
+
+@dataclass
+class ModelConfig:
+    """TorchServe's per-model settings (model-config.yaml) and our handler section."""
+
+    batch_size: int = 4
+    max_batch_delay: int = 20
+    min_workers: int = 1
+    max_workers: int = 1
+    response_timeout: int = 120
+    device_type: str = "cpu"
+    score_threshold: float | None = None
+    iou_threshold: float | None = None
+    precision: str = "fp32"
+    torch_threads: int | None = None
+    max_pixels: int = 40_000_000
+
+    def to_yaml(self) -> dict:
+        handler = {
+            k: v
+            for k, v in asdict(self).items()
+            if k in ("score_threshold", "iou_threshold", "precision", "torch_threads", "max_pixels")
+            and v is not None
+        }
+        return {
+            "batchSize": self.batch_size,
+            "maxBatchDelay": self.max_batch_delay,
+            "minWorkers": self.min_workers,
+            "maxWorkers": self.max_workers,
+            "responseTimeout": self.response_timeout,
+            "deviceType": self.device_type,
+            "handler": handler,
+        }
+
+
+def archive(
+    export_dir: str | Path,
+    name: str,
+    version: str = "1.0",
+    model_store: str | Path = ROOT / "model_store",
+    config: ModelConfig | None = None,
+) -> Path:
+    """Run the real torch-model-archiver; returns the path of the .mar."""
+    export_dir, model_store = Path(export_dir), Path(model_store)
+    model_store.mkdir(parents=True, exist_ok=True)
+    config = config or ModelConfig()
+    for needed in ("model.pt", "model.json", "index_to_name.json"):
+        if not (export_dir / needed).is_file():
+            raise FileNotFoundError(f"{export_dir / needed} missing: run `python -m export` first")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        # A directory given to --extra-files is copied by its contents: wrap the package so that
+        # the archive holds handler/*.py and the entry module can `import handler.detector`.
+        package = tmp / "pkg" / "handler"
+        shutil.copytree(HANDLER_DIR, package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        cfg_file = tmp / "model-config.yaml"
+        cfg_file.write_text(yaml.safe_dump(config.to_yaml(), sort_keys=False))
+        cmd = [
+            str(Path(sys.executable).parent / "torch-model-archiver"),
+            "--model-name",
+            name,
+            "--version",
+            version,
+            "--serialized-file",
+            str(export_dir / "model.pt"),
+            "--handler",
+            str(HANDLER_DIR / ENTRY),
+            "--extra-files",
+            ",".join(
+                [str(tmp / "pkg"), str(export_dir / "model.json"), str(export_dir / "index_to_name.json")]
+            ),
+            "--config-file",
+            str(cfg_file),
+            "--export-path",
+            str(model_store),
+            "--force",
+        ]
+        subprocess.run(cmd, check=True)
+    return model_store / f"{name}.mar"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m scripts.archive", description=__doc__)
+    p.add_argument("export_dir", help="directory written by `python -m export` (model.pt, model.json, ...)")
+    p.add_argument("--name", default="effdet_demo")
+    p.add_argument("--version", default="1.0")
+    p.add_argument("--model-store", default=str(ROOT / "model_store"))
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-batch-delay", type=int, default=20, help="ms TorchServe waits to fill a batch")
+    p.add_argument("--min-workers", type=int, default=1)
+    p.add_argument("--max-workers", type=int, default=1)
+    p.add_argument("--response-timeout", type=int, default=120)
+    p.add_argument("--device-type", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
+    p.add_argument("--score-threshold", type=float)
+    p.add_argument("--iou-threshold", type=float)
+    p.add_argument("--torch-threads", type=int)
+    a = p.parse_args(argv)
+    cfg = ModelConfig(
+        a.batch_size,
+        a.max_batch_delay,
+        a.min_workers,
+        a.max_workers,
+        a.response_timeout,
+        a.device_type,
+        a.score_threshold,
+        a.iou_threshold,
+        a.precision,
+        a.torch_threads,
+    )
+    mar = archive(a.export_dir, a.name, a.version, a.model_store, cfg)
+    print(f"wrote {mar} ({mar.stat().st_size / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()

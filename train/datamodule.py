@@ -1,0 +1,137 @@
+"""Images + boxes -> effdet batches: transforms, Dataset, collate and the LightningDataModule.
+
+Training augments with ``torchvision.transforms.v2`` on ``tv_tensors.BoundingBoxes`` (flip,
+scale/translate jitter, colour) and then applies the serving geometry; validation applies the
+serving geometry only (``handler.geometry.letterbox``), decoding images with the handler's own
+decoder, so validation sees exactly what the served model will see.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from handler.decode import decode_image
+from handler.geometry import Geometry, letterbox
+from train.data import Record
+
+
+def augmentation() -> v2.Compose:
+    """Train-time jitter applied in image pixels, before the shared geometry."""
+    return v2.Compose(
+        [
+            v2.RandomHorizontalFlip(p=0.5),
+            v2.RandomApply([v2.RandomAffine(degrees=0, translate=(0.1, 0.1), scale=(0.7, 1.3))], p=0.7),
+            v2.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.03),
+            v2.ClampBoundingBoxes(),
+            v2.SanitizeBoundingBoxes(min_size=2.0),
+        ]
+    )
+
+
+def load_image(path: str | Path) -> torch.Tensor:
+    """A file -> uint8 RGB [3, H, W], EXIF orientation applied: the handler's decoder."""
+    return decode_image(Path(path).read_bytes())
+
+
+class DetectionDataset(TorchDataset):
+    """Records -> (network input, target dict). Boxes in targets are in network-input pixels."""
+
+    def __init__(self, records: list[Record], geometry: Geometry, train: bool):
+        self.records = records
+        self.geometry = geometry
+        self.augment = augmentation() if train else None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, dict]:
+        rec = self.records[i]
+        image = load_image(rec.image)
+        height, width = image.shape[-2:]
+        boxes = torch.tensor(rec.boxes, dtype=torch.float32).reshape(-1, 4)
+        labels = torch.tensor(rec.labels, dtype=torch.int64)
+        if self.augment is not None:
+            image, target = self.augment(
+                tv_tensors.Image(image),
+                {
+                    "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(height, width)),
+                    "labels": labels,
+                },
+            )
+            image, boxes, labels = (
+                image.as_subclass(torch.Tensor),
+                target["boxes"].as_subclass(torch.Tensor),
+                target["labels"],
+            )
+        x, img_scale = letterbox(image, self.geometry)
+        return x, {
+            "boxes": boxes / img_scale,  # xyxy in network pixels
+            "labels": labels,
+            "img_scale": img_scale,
+            "img_size": (width, height),
+            "image_id": rec.image_id,
+        }
+
+
+def collate(batch: list[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor, dict]:
+    """Stack images; pad boxes to yxyx [B, N, 4] and classes to [B, N] with -1, as effdet's labeler expects.
+
+    N is at least 1 so that a batch of negatives still has the shape effdet wants.
+    """
+    images = torch.stack([x for x, _ in batch])
+    n = max(1, max(len(t["labels"]) for _, t in batch))
+    bbox = torch.zeros((len(batch), n, 4))
+    cls = torch.full((len(batch), n), -1.0)
+    for i, (_, t) in enumerate(batch):
+        k = len(t["labels"])
+        if k:
+            bbox[i, :k] = t["boxes"][:, [1, 0, 3, 2]]
+            cls[i, :k] = t["labels"].float()
+    target = {
+        "bbox": bbox,
+        "cls": cls,
+        "img_scale": torch.tensor([t["img_scale"] for _, t in batch], dtype=torch.float32),
+        "img_size": torch.tensor([t["img_size"] for _, t in batch], dtype=torch.float32),
+        "image_id": torch.tensor([t["image_id"] for _, t in batch]),
+    }
+    return images, target
+
+
+class DetectionDataModule(pl.LightningDataModule):
+    def __init__(
+        self,
+        train_records: list[Record],
+        val_records: list[Record],
+        geometry: Geometry,
+        batch_size: int = 8,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        self.train_records, self.val_records = train_records, val_records
+        self.geometry = geometry
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+
+    def _loader(self, records: list[Record], train: bool) -> DataLoader:
+        return DataLoader(
+            DetectionDataset(records, self.geometry, train),
+            batch_size=self.batch_size,
+            shuffle=train,
+            drop_last=train and len(records) > self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=collate,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_records, True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_records, False)
