@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -20,7 +21,7 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from handler.geometry import Geometry
 from train import synthetic
 from train.config import build_config, model_card, write_json
-from train.data import FORMATS, AnnotationError, check_records, load_dataset, split_records
+from train.data import FORMATS, AnnotationError, Dataset, check_records, load_dataset, split_records
 from train.datamodule import DetectionDataModule
 from train.module import EffDetModule
 
@@ -77,13 +78,20 @@ def load_splits(a: argparse.Namespace):
         val = load_dataset(a.format, a.data, "val", a.images, train.classes, a.voc_difficult)
     elif a.val_data:
         val = load_dataset(a.format, a.val_data, "val", a.images, train.classes)
-    else:
-        train_recs, val_recs = split_records(train.records, a.val_fraction, a.seed)
-        val = type(train)(val_recs, train.classes, train.summary.copy())
-        train = type(train)(train_recs, train.classes, train.summary)
+    else:  # one annotation file: check all of it, then split off a validation part
+        full = check_records(train, a.skip_bad, str(a.data))
+        train_recs, val_recs = split_records(full.records, a.val_fraction, a.seed)
+        return (
+            Dataset(train_recs, full.classes, full.summary + _counts(train_recs, "train")),
+            Dataset(val_recs, full.classes, _counts(val_recs, "val")),
+        )
     if val.classes != train.classes:
         raise AnnotationError(f"train classes {train.classes} differ from validation classes {val.classes}")
     return check_records(train, a.skip_bad, "train"), check_records(val, a.skip_bad, "val")
+
+
+def _counts(records, split: str) -> Counter:
+    return Counter({f"{split} images": len(records), f"{split} boxes": sum(len(r.boxes) for r in records)})
 
 
 def _devices(value: str):
@@ -144,8 +152,13 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.time()
     trainer.fit(module, datamodule=dm)
     train_seconds = time.time() - start
-    best = ckpt.best_model_path or ckpt.last_model_path
-    final = trainer.validate(module, datamodule=dm, ckpt_path=best, verbose=False)[0]
+    best = ckpt.best_model_path
+    if best:  # metrics of the kept checkpoint, for model.json
+        final = trainer.validate(module, datamodule=dm, ckpt_path=best, verbose=False)[0]
+    else:  # --max-steps ended the run before any validation: evaluate and keep what we have
+        final = trainer.validate(module, datamodule=dm, verbose=False)[0]
+        best = str(out / "best.ckpt")
+        trainer.save_checkpoint(best)
     metrics = {
         "val_map": round(float(final.get("val/map", 0.0)), 4),
         "val_map50": round(float(final.get("val/map50", 0.0)), 4),

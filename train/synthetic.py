@@ -41,9 +41,13 @@ def _background(rng: random.Random, width: int, height: int) -> Image.Image:
         other = tuple(rng.randint(60, 190) for _ in range(3))
         for y in range(height):
             t = y / max(1, height - 1)
-            draw.line([(0, y), (width, y)], fill=tuple(int(a * (1 - t) + b * t) for a, b in zip(base, other)))
-    noise = Image.effect_noise((width, height), rng.uniform(8, 24)).convert("RGB")
-    return Image.blend(img, noise, 0.15).filter(ImageFilter.SMOOTH)
+            draw.line(
+                [(0, y), (width, y)],
+                fill=tuple(int(a * (1 - t) + b * t) for a, b in zip(base, other, strict=True)),
+            )
+    # Seeded noise (PIL's effect_noise has its own unseeded generator).
+    noise = Image.frombytes("L", (width, height), rng.randbytes(width * height)).convert("RGB")
+    return Image.blend(img, noise, rng.uniform(0.05, 0.2)).filter(ImageFilter.SMOOTH)
 
 
 def _iou(a: list[float], b: list[float]) -> float:

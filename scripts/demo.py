@@ -1,0 +1,160 @@
+"""The whole chain on the built-in synthetic data, offline, on CPU: ``make demo``.
+
+generate data -> train the small preset -> export TorchScript -> archive .mar -> start TorchServe
+-> send the held-out images over HTTP -> served mAP beside in-process mAP -> draw one picture
+-> scale workers 1 -> 2 -> 1 while requests flow -> stop the server (also when interrupted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from export.__main__ import export
+from handler.detector import Detector
+from scripts.archive import ModelConfig, archive
+from scripts.client import Client, draw
+from scripts.serve import ROOT, Server
+from train import synthetic
+from train.__main__ import main as train_main
+from train.data import check_records, load_coco
+from train.metrics import coco_map
+
+
+def say(msg: str) -> None:
+    print(f"\n=== {msg}", flush=True)
+
+
+def ground_truth(records) -> list[dict]:
+    return [
+        {
+            "image_id": r.image_id,
+            "width": r.size[0],
+            "height": r.size[1],
+            "boxes": r.boxes,
+            "labels": r.labels,
+        }
+        for r in records
+    ]
+
+
+def as_detections(image_id: int, response: dict) -> dict:
+    dets = response["detections"]
+    return {
+        "image_id": image_id,
+        "boxes": [d["box"] for d in dets],
+        "scores": [d["score"] for d in dets],
+        "labels": [d["class_id"] for d in dets],
+    }
+
+
+def traffic(client: Client, model: str, images: list[bytes], stop: threading.Event, tally: dict) -> None:
+    """Keep requests flowing until told to stop; count answers by status."""
+    i = 0
+    while not stop.is_set():
+        r = client.predict(model, images[i % len(images)])
+        tally[r.status_code] = tally.get(r.status_code, 0) + 1
+        i += 1
+
+
+def _interrupt(signum, frame) -> None:
+    """SIGTERM unwinds through the ``finally`` that stops TorchServe, as Ctrl-C does."""
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m scripts.demo", description=__doc__)
+    p.add_argument("--name", default="effdet_demo")
+    p.add_argument("--data", default=str(ROOT / "data" / "synthetic"))
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--train-images", type=int, default=400)
+    p.add_argument("--val-images", type=int, default=60)
+    a = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
+    started = time.time()
+    run = ROOT / "runs" / a.name
+
+    say(f"1/7 synthetic dataset in {a.data}")
+    synthetic.ensure(a.data, a.train_images, a.val_images)
+
+    say(f"2/7 training the small preset for {a.epochs} epochs (Lightning's bar below)")
+    card = train_main(["--data", a.data, "--format", "synthetic", "--model", "small", "--epochs", str(a.epochs),
+                       "--out", str(run)])  # fmt: skip
+    print(f"val mAP@.5 after training: {card['metrics']['val_map50']:.3f}")
+
+    say("3/7 export to TorchScript (parity vs eager effdet enforced)")
+    exported = export(run / "best.ckpt", run / "export")
+    print(
+        f"parity max |diff| {exported['export']['parity']['max_abs_diff']:.2e}, {exported['export']['bytes'] / 1e6:.1f} MB"
+    )
+
+    say("4/7 archive with torch-model-archiver")
+    mar = archive(
+        run / "export", a.name, "1.0", ROOT / "model_store", ModelConfig(batch_size=4, max_batch_delay=20)
+    )
+    print(f"wrote {mar}")
+
+    server = Server(run / "serve", ROOT / "model_store", free_ports=True)
+    try:
+        say("5/7 TorchServe up, held-out images over HTTP")
+        server.start([f"{a.name}={mar.name}"])
+        client = Client(server.inference_url, server.management_url, server.key_file)
+        val = check_records(load_coco(Path(a.data) / "val.json"), name="val")
+        images = [r.image.read_bytes() for r in val.records]
+        with ThreadPoolExecutor(4) as pool:
+            responses = list(pool.map(lambda b: client.predict(a.name, b, score_threshold=0.0), images))
+        failed = [r.status_code for r in responses if not r.ok]
+        if failed:
+            raise SystemExit(f"{len(failed)} requests failed: {failed[:5]}")
+        served = [
+            as_detections(r.image_id, resp.json()) for r, resp in zip(val.records, responses, strict=True)
+        ]
+        detector = Detector(run / "export" / "model.pt")
+        local = detector.predict(images, score_threshold=0.0)
+        in_process = [as_detections(r.image_id, resp) for r, resp in zip(val.records, local, strict=True)]
+        gt = ground_truth(val.records)
+        n = len(val.classes)
+        served_map, local_map = coco_map(gt, served, n), coco_map(gt, in_process, n)
+        print(f"served over HTTP : mAP@[.5:.95] {served_map['map']:.4f}  mAP@.5 {served_map['map50']:.4f}")
+        print(f"in-process       : mAP@[.5:.95] {local_map['map']:.4f}  mAP@.5 {local_map['map50']:.4f}")
+        if abs(served_map["map"] - local_map["map"]) > 1e-6:
+            raise SystemExit("served and in-process mAP disagree")
+        print("served == in-process")
+
+        say("6/7 one picture with its boxes")
+        picture = run / "demo.png"
+        first = val.records[0]
+        best = client.predict(a.name, first.image.read_bytes(), score_threshold=0.3).json()
+        draw(first.image, best, picture)
+        print(f"{len(best['detections'])} boxes drawn on {picture}")
+
+        say("7/7 scaling workers 1 -> 2 -> 1 while requests flow")
+        stop, tally = threading.Event(), {}
+        flows = [
+            threading.Thread(target=traffic, args=(client, a.name, images, stop, tally)) for _ in range(2)
+        ]
+        for t in flows:
+            t.start()
+        try:
+            for n_workers in (2, 1):
+                r = client.scale(a.name, n_workers)
+                workers = client.describe(a.name)[0]["workers"]
+                print(f"scaled to {n_workers}: HTTP {r.status_code}, workers now {len(workers)}")
+                time.sleep(2)
+        finally:
+            stop.set()
+            for t in flows:
+                t.join()
+        print(f"requests during scaling by status: {tally}")
+    finally:
+        say("stopping TorchServe")
+        server.stop()
+    print(f"\ndemo done in {(time.time() - started) / 60:.1f} min; artefacts in {run}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Training and serving see the same tensor for the same image: one geometry, imported by both."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from PIL import Image
+
+from handler.detector import Detector
+from handler.geometry import Geometry, letterbox, letterbox_size
+from train.data import check_records, load_coco
+from train.datamodule import DetectionDataset
+
+
+def test_train_validation_geometry_equals_serving_geometry(synthetic_dir, exported):
+    val = check_records(load_coco(synthetic_dir / "val.json"))
+    det = Detector(exported / "model.pt")
+    dataset = DetectionDataset(val.records, det.geometry, train=False)
+    for i, rec in enumerate(val.records):
+        x_train, target = dataset[i]
+        batch, img_scale, img_size = det.preprocess([det.decode(rec.image.read_bytes())])
+        assert torch.equal(x_train, batch[0])
+        assert target["img_scale"] == pytest.approx(float(img_scale[0]), rel=1e-7)
+        assert tuple(target["img_size"]) == tuple(int(v) for v in img_size[0].tolist())
+
+
+@pytest.mark.parametrize("h, w", [(240, 320), (320, 240), (100, 1000), (256, 256), (7, 3)])
+def test_letterbox_keeps_aspect_and_pads_with_zero(h, w):
+    g = Geometry(size=(256, 256))
+    img = torch.randint(0, 256, (3, h, w), dtype=torch.uint8)
+    x, img_scale = letterbox(img, g)
+    new_h, new_w, scale = letterbox_size(h, w, g.size)
+    assert x.shape == (3, 256, 256) and x.dtype == torch.float32
+    assert max(new_h, new_w) == 256 and img_scale == pytest.approx(1 / scale)
+    assert abs(new_w / new_h - w / h) < 2 / min(new_h, new_w) + 1e-6
+    assert torch.all(x[:, new_h:, :] == 0) and torch.all(x[:, :, new_w:] == 0)
+
+
+def test_letterbox_normalises_with_imagenet_stats():
+    g = Geometry(size=(128, 128))
+    img = torch.full((3, 128, 128), 255, dtype=torch.uint8)
+    x, _ = letterbox(img, g)
+    expected = torch.tensor([(1 - m) / s for m, s in zip(g.mean, g.std, strict=True)])
+    assert torch.allclose(x[:, 5, 5], expected, atol=1e-6)
+
+
+def test_letterbox_rejects_non_uint8_rgb():
+    with pytest.raises(ValueError, match="uint8"):
+        letterbox(torch.zeros(3, 10, 10), Geometry(size=(128, 128)))
+    with pytest.raises(ValueError, match=r"\[3, H, W\]"):
+        letterbox(torch.zeros(1, 10, 10, dtype=torch.uint8), Geometry(size=(128, 128)))
+
+
+def test_geometry_roundtrips_through_model_json():
+    g = Geometry(size=(384, 256))
+    assert Geometry.from_dict(g.to_dict()) == g
+    with pytest.raises(ValueError, match="resize policy"):
+        Geometry.from_dict({**g.to_dict(), "resize": "stretch"})
+
+
+def test_exif_rotation_reaches_the_network_input(tmp_path):
+    img = Image.new("RGB", (64, 32), (255, 0, 0))
+    img.paste((0, 0, 255), (0, 0, 32, 32))
+    exif = Image.Exif()
+    exif[274] = 6  # display rotated 90 degrees clockwise
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif, quality=95)
+    from handler.decode import decode_image
+
+    t = decode_image(buf.getvalue())
+    assert t.shape == (3, 64, 32)
