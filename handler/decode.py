@@ -19,6 +19,7 @@ DEFAULT_MAX_PIXELS = 40_000_000
 Image.MAX_IMAGE_PIXELS = None
 
 JPEG_MAGIC = b"\xff\xd8\xff"
+EXIF_ORIENTATION = 0x0112
 
 
 class RequestError(ValueError):
@@ -108,6 +109,10 @@ def _decode_jpeg_cuda(data: bytes, device: torch.device, max_pixels: int) -> tor
             413, "too_many_pixels", f"image is {width}x{height} pixels, the limit is {max_pixels}"
         )
     if header.mode not in ("RGB", "L"):
+        return None
+    # torchvision's CUDA decode ignores apply_exif_orientation (only its CPU decoder honours it):
+    # rotated or mirrored JPEGs go through PIL, which applies the orientation.
+    if header.getexif().get(EXIF_ORIENTATION, 1) != 1:
         return None
     try:
         raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)

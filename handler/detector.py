@@ -157,13 +157,14 @@ class Detector:
         rows = detections[detections[:, 4] > 0].tolist()  # padding rows have score 0
         out = []
         for x1, y1, x2, y2, score, cls in rows:
+            score = round(score, 5)  # the threshold applies to the score the caller is shown
             if score < params.score_threshold or len(out) >= params.max_detections:
                 continue
             class_id = int(cls)
             out.append(
                 {
                     "box": [round(x1, 3), round(y1, 3), round(x2, 3), round(y2, 3)],
-                    "score": round(score, 5),
+                    "score": score,
                     "class_id": class_id,
                     "label": self.labels.get(class_id, str(class_id)),
                 }

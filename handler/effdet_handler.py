@@ -80,9 +80,13 @@ class EffDetHandler(BaseHandler):
 
     def postprocess(self, detections: torch.Tensor | None, items: list | None = None) -> list[dict]:
         answers, k = [], 0
+        # Under TorchServe's kserve envelope the rows are the instances of one request: then an
+        # error stays in its own answer and the request's status is left alone.
+        row_per_request = len(items) == len(self.context.request_processor or ())
         for idx, item in enumerate(items):
             if isinstance(item, RequestError):
-                self.context.set_response_status(item.status, item.message, idx)
+                if row_per_request:
+                    self.context.set_response_status(item.status, item.message, idx)
                 answers.append(item.to_json())
                 continue
             img, params = item
@@ -93,6 +97,10 @@ class EffDetHandler(BaseHandler):
 
     def handle(self, data: list[dict], context) -> list[dict]:
         self.context = context
+        # GET /models/{name}?customized=true arrives here as a request with header describe=True;
+        # BaseHandler.handle routes it to describe_handle, and so must this override.
+        if context.request_processor and self._is_describe():
+            return [self.describe_handle()]
         t0 = time.perf_counter()
         items = self.preprocess(data)
         t1 = time.perf_counter()

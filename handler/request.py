@@ -73,6 +73,10 @@ def split_request(row: dict) -> tuple[bytes, dict]:
     body = row.get("data")
     if body is None:
         body = row.get("body")
+    if body is None and "image" in row:
+        # one KServe v1 instance {"image": base64, ...}: TorchServe's kserve envelope hands each
+        # entry of {"instances": [...]} to the handler as a row of its own
+        body = row
     if body is None:
         raise RequestError(400, "empty_body", "the request carried no image (raw body, form field 'data')")
     if isinstance(body, str):

@@ -75,6 +75,7 @@ class Server:
     config: Path = ROOT / "config.properties"
     free_ports: bool = False
     props: dict = field(default_factory=dict)
+    extra_env: dict[str, str] = field(default_factory=dict)  # added to the server's (and workers') env
 
     def __post_init__(self):
         self.workdir = Path(self.workdir).resolve()
@@ -110,16 +111,26 @@ class Server:
         return self.workdir / "key_file.json"
 
     def _env(self) -> dict[str, str]:
-        tmp = self.workdir / "tmp"  # TorchServe keeps its pid file in TMPDIR: one per server
+        # TorchServe keeps its pid file in TMPDIR and the workers' unix sockets (.ts.sock.9000, ...)
+        # in java.io.tmpdir, which its launcher takes from TEMP: both per server, or two servers'
+        # first workers would fight over /tmp/.ts.sock.9000. (Unix socket paths max out at 107 bytes:
+        # keep the working directory's path short.)
+        tmp = self.workdir / "tmp"
         tmp.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
         env.update(
             JAVA_HOME=java_home(),
             TMPDIR=str(tmp),
+            TEMP=str(tmp),
             LOG_LOCATION=str(self.workdir / "logs"),
             METRICS_LOCATION=str(self.workdir / "logs"),
         )
         env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+        # Workers put the unpacked .mar *after* PYTHONPATH: a repo checkout on it (the tests set one)
+        # would shadow the archived handler package, so the server would not run what it ships.
+        path = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != ROOT]
+        env["PYTHONPATH"] = os.pathsep.join(path)
+        env.update(self.extra_env)
         return env
 
     def start(self, models: list[str] | None = None, timeout: float = 240) -> None:
@@ -140,8 +151,12 @@ class Server:
         self.wait_ready([m.split("=")[0] for m in models or []], timeout)
 
     def stop(self) -> None:
-        """``torchserve --stop`` for this instance (its own pid file); quiet if not running."""
-        cmd = [str(Path(sys.executable).parent / "torchserve"), "--stop"]
+        """``torchserve --stop`` for this instance (its own pid file); quiet if not running.
+
+        ``--foreground`` makes the launcher wait (up to 60 s) until the frontend has exited, so the
+        ports and the working directory are free when this returns.
+        """
+        cmd = [str(Path(sys.executable).parent / "torchserve"), "--stop", "--foreground"]
         subprocess.run(cmd, cwd=self.workdir, env=self._env(), capture_output=True, check=False)
 
     def tokens(self) -> dict[str, str]:

@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import pytorch_lightning as pl
@@ -187,3 +188,47 @@ def test_ddp_on_cpu_reports_one_map_over_all_val_images(synthetic_dir, tmp_path)
     # one validation during fit (+ the final re-validation of best.ckpt), each over all 8 images once
     assert len(rows) in (1, 2)
     assert all(float(r["val/images"]) == 8 for r in rows)
+
+
+def test_interrupted_training_resumes_from_last_ckpt_to_the_same_result(synthetic_dir, tmp_path):
+    """A run killed (SIGKILL) after its first epoch, resumed with --resume last, ends where an
+    uninterrupted run ends: same weights, bit for bit."""
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    args = [sys.executable, "-m", "train", "--data", str(synthetic_dir), "--format", "synthetic",
+            "--batch-size", "8", "--warmup-steps", "2", "--epochs", "2"]  # fmt: skip
+    subprocess.run(
+        [*args, "--out", str(tmp_path / "straight")], cwd=ROOT, env=env, check=True, capture_output=True
+    )
+
+    crashed = subprocess.Popen(
+        [*args, "--out", str(tmp_path / "split")],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    last = tmp_path / "split" / "last.ckpt"
+    deadline = time.monotonic() + 600
+    while not last.exists() and crashed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    size = -1
+    while last.stat().st_size != size:  # let the epoch-end checkpoint finish writing
+        size = last.stat().st_size
+        time.sleep(0.2)
+    crashed.kill()
+    crashed.wait()
+    assert torch.load(last, weights_only=False)["global_step"] == 3  # one epoch of 3 steps was kept
+
+    proc = subprocess.run(
+        [*args, "--out", str(tmp_path / "split"), "--resume", "last"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = torch.load(tmp_path / "straight" / "last.ckpt", weights_only=False)
+    b = torch.load(last, weights_only=False)
+    assert a["global_step"] == 6 and b["global_step"] == 6
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key

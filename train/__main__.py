@@ -66,6 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     lt.add_argument("--num-nodes", type=int, default=1)
     lt.add_argument("--precision", default="32-true", help="32-true, bf16-mixed, 16-mixed ...")
     p.add_argument("--out", default="runs/effdet_demo", help="run directory")
+    p.add_argument(
+        "--resume", help="continue an interrupted run: a checkpoint path, or 'last' for OUT/last.ckpt"
+    )
     return p.parse_args(argv)
 
 
@@ -122,17 +125,20 @@ def main(argv: list[str] | None = None) -> dict:
         ema_decay=a.ema_decay,
         pretrained_backbone=a.pretrained_backbone,
         backbone_weights=a.backbone_weights,
+        seed=a.seed,
     )
-    dm = DetectionDataModule(train.records, val.records, geometry, a.batch_size, a.num_workers)
+    dm = DetectionDataModule(train.records, val.records, geometry, a.batch_size, a.num_workers, a.seed)
     ckpt = ModelCheckpoint(
         dirpath=out,
         filename="best",
         monitor="val/map",
         mode="max",
-        save_last=True,
         enable_version_counter=False,
         auto_insert_metric_name=False,
     )
+    # Lightning 2.6 writes save_last only when a top-k checkpoint was written in the same step,
+    # so an interrupted run could resume from a stale file: keep last.ckpt with its own callback.
+    last = ModelCheckpoint(dirpath=out, filename="last", every_n_epochs=1, enable_version_counter=False)
     trainer = pl.Trainer(
         default_root_dir=out,
         max_epochs=a.epochs,
@@ -144,14 +150,23 @@ def main(argv: list[str] | None = None) -> dict:
         precision=a.precision,
         gradient_clip_val=a.gradient_clip,
         check_val_every_n_epoch=a.val_every,
-        callbacks=[ckpt, LearningRateMonitor("step")],
+        callbacks=[ckpt, last, LearningRateMonitor("step")],
         logger=[CSVLogger(out, name="logs"), TensorBoardLogger(out, name="tb")],
         log_every_n_steps=10,
         num_sanity_val_steps=0,
     )
     start = time.time()
-    trainer.fit(module, datamodule=dm)
+    resume = a.resume
+    if resume == "last":
+        resume = str(out / "last.ckpt")
+    if resume and not Path(resume).is_file():
+        raise SystemExit(f"--resume: {resume} not found")
+    trainer.fit(module, datamodule=dm, ckpt_path=resume)
     train_seconds = time.time() - start
+    if trainer.interrupted:
+        print("[train] interrupted: continue with --resume last (the last finished epoch)", file=sys.stderr)
+        raise SystemExit(130)
+    trainer.save_checkpoint(out / "last.ckpt")  # the final state, also when --max-steps ended mid-epoch
     best = ckpt.best_model_path
     if best:  # metrics of the kept checkpoint, for model.json
         final = trainer.validate(module, datamodule=dm, ckpt_path=best, verbose=False)[0]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 from torch.utils.data import Dataset as TorchDataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -51,20 +51,25 @@ class DetectionDataset(TorchDataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, dict]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, dict]:
+        """``key`` is an index, or (index, augmentation seed) as ``EpochShuffle`` yields."""
+        i, seed = key if isinstance(key, tuple) else (key, None)
         rec = self.records[i]
         image = load_image(rec.image)
         height, width = image.shape[-2:]
         boxes = torch.tensor(rec.boxes, dtype=torch.float32).reshape(-1, 4)
         labels = torch.tensor(rec.labels, dtype=torch.int64)
         if self.augment is not None:
-            image, target = self.augment(
-                tv_tensors.Image(image),
-                {
-                    "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(height, width)),
-                    "labels": labels,
-                },
-            )
+            with torch.random.fork_rng(devices=[]):
+                if seed is not None:
+                    torch.manual_seed(seed)
+                image, target = self.augment(
+                    tv_tensors.Image(image),
+                    {
+                        "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(height, width)),
+                        "labels": labels,
+                    },
+                )
             image, boxes, labels = (
                 image.as_subclass(torch.Tensor),
                 target["boxes"].as_subclass(torch.Tensor),
@@ -104,6 +109,29 @@ def collate(batch: list[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor, dict]
     return images, target
 
 
+class EpochShuffle(Sampler[tuple[int, int]]):
+    """A shuffle that depends only on (seed, epoch), so a run resumed from last.ckpt sees the same data.
+
+    Yields (index, augmentation seed): the augmentation of each sample is a function of the run's
+    seed, the epoch and the sample, not of the global RNG's history. Lightning calls ``set_epoch``
+    at every epoch start (and wraps this sampler for DDP).
+    """
+
+    def __init__(self, n: int, seed: int = 0):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        base = (self.seed * 100_003 + self.epoch) * (self.n + 1)
+        return iter((i, base + i) for i in torch.randperm(self.n, generator=g).tolist())
+
+
 class DetectionDataModule(pl.LightningDataModule):
     def __init__(
         self,
@@ -112,8 +140,10 @@ class DetectionDataModule(pl.LightningDataModule):
         geometry: Geometry,
         batch_size: int = 8,
         num_workers: int = 0,
+        seed: int = 0,
     ):
         super().__init__()
+        self.seed = seed
         self.train_records, self.val_records = train_records, val_records
         self.geometry = geometry
         self.batch_size = batch_size
@@ -123,7 +153,7 @@ class DetectionDataModule(pl.LightningDataModule):
         return DataLoader(
             DetectionDataset(records, self.geometry, train),
             batch_size=self.batch_size,
-            shuffle=train,
+            sampler=EpochShuffle(len(records), self.seed) if train else None,
             drop_last=train and len(records) > self.batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

@@ -33,6 +33,7 @@ class EffDetModule(pl.LightningModule):
         ema_decay: float | None = None,
         pretrained_backbone: bool = False,
         backbone_weights: str | None = None,
+        seed: int = 0,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -50,6 +51,10 @@ class EffDetModule(pl.LightningModule):
     def model(self):
         """The EfficientDet whose weights are validated and exported (the EMA copy when enabled)."""
         return self.ema.module if self.ema is not None else self.bench.model
+
+    def on_train_epoch_start(self):
+        # Augmentation draws from the global RNG: seed it per epoch so a resumed run repeats it.
+        pl.seed_everything(self.hparams.seed * 1_000 + self.current_epoch, verbose=False)
 
     def training_step(self, batch, batch_idx):
         images, target = batch

@@ -1,0 +1,366 @@
+"""The benchmark's pieces at tiny sizes: results are well-formed, and inside the bench our
+post-processing output is checked against effdet's (and that check has teeth).
+
+No timing is asserted anywhere: only shapes, keys, signs and agreement. The stages run on a
+random-weight small-preset model at 128x128 exported by the bench itself (its standalone path);
+the load generator runs against a stub HTTP server here, and against a real TorchServe in the
+``soak`` test (``make soak``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import statistics
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import requests
+import torch
+from PIL import Image
+
+from scripts import bench
+from scripts.serve import free_port
+
+BATCHES = (1, 2)
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory) -> Path:
+    return bench.make_random_export(tmp_path_factory.mktemp("bench") / "random", "small", 2, 128, seed=3)
+
+
+@pytest.fixture(scope="module")
+def workload(tiny_export) -> bench.Workload:
+    images = bench.make_images(2, side=160, seed=1)
+    return bench.prepare(tiny_export, images, BATCHES, torch.device("cpu"))
+
+
+def _finite_positive(x) -> bool:
+    return isinstance(x, float) and math.isfinite(x) and x > 0
+
+
+def _assert_timing_rows(rows: list[dict], repeats: int) -> None:
+    assert [r["batch"] for r in rows] == list(BATCHES)
+    for r in rows:
+        assert len(r["seconds"]) == repeats and all(s > 0 for s in r["seconds"])
+        assert r["min_s"] <= r["median_s"] <= r["max_s"]
+        assert _finite_positive(r["images_per_s"]) and _finite_positive(r["ms_per_image"])
+        assert r["images_per_s"] == pytest.approx(r["batch"] / r["median_s"])
+
+
+# -- the model and the images -------------------------------------------------------------------------
+
+
+def test_random_export_is_complete_reused_and_scores_spread(tiny_export, workload):
+    for name in ("model.pt", "model.json", "index_to_name.json"):
+        assert (tiny_export / name).is_file()
+    card = json.loads((tiny_export / "model.json").read_text())
+    assert card["effdet_config"]["image_size"] == [128, 128] and card["effdet_config"]["num_classes"] == 2
+    stamp = (tiny_export / "model.pt").stat().st_mtime_ns
+    assert bench.make_random_export(tiny_export.parent, "small", 2, 128) == tiny_export
+    assert (tiny_export / "model.pt").stat().st_mtime_ns == stamp  # reused, not exported again
+    # spread heads: not effdet's near-constant prior, whose scores tie: the top 100 are distinct
+    cls_out, _ = workload.heads[1]
+    flat = torch.cat([c.permute(0, 2, 3, 1).reshape(1, -1) for c in cls_out], 1).sigmoid()
+    assert flat.topk(100).values.unique().numel() >= 95
+
+
+def test_make_images_are_distinct_jpegs_of_the_asked_size():
+    images = bench.make_images(3, side=200, seed=5)
+    assert len(set(images)) == 3
+    for data in images:
+        assert data[:3] == b"\xff\xd8\xff"
+        img = Image.open(io.BytesIO(data))
+        assert img.format == "JPEG" and max(img.size) == 200
+    assert bench.make_images(3, side=200, seed=5) == images  # deterministic by seed
+
+
+def test_prepare_records_inputs_and_head_outputs(workload):
+    size = tuple(workload.cfg["image_size"])
+    for b in BATCHES:
+        x, img_scale, img_size = workload.inputs[b]
+        assert x.shape == (b, 3, *size) and img_scale.shape == (b,) and img_size.shape == (b, 2)
+        cls_out, box_out = workload.heads[b]
+        assert len(cls_out) == len(box_out) == 5 and cls_out[0].shape[0] == b
+    assert workload.heads32 is workload.heads  # fp32: the same outputs
+
+
+# -- the in-process stages ----------------------------------------------------------------------------
+
+
+def test_model_and_effdet_stages_are_well_formed(workload):
+    stream = io.StringIO()
+    progress = bench.Progress(stream=stream)
+    _assert_timing_rows(bench.bench_model(workload, BATCHES, 2, 1, progress), 2)
+    rows, parity = bench.bench_effdet(workload, BATCHES, 2, 1, progress)
+    _assert_timing_rows(rows, 2)
+    assert parity <= 1e-4  # effdet eager holds the TorchScript file's weights
+    text = stream.getvalue()
+    assert "[1/5 model only]" in text and "[2/5 effdet eager]" in text and "6/6" in text
+
+
+def test_postprocessing_stage_checks_ours_against_effdet(workload):
+    rows = bench.bench_post(workload, BATCHES, 2, 1, bench.Progress(enabled=False))
+    max_det = workload.cfg["max_det_per_image"]
+    assert [r["batch"] for r in rows] == list(BATCHES)
+    for r in rows:
+        assert r["identical"] is True
+        assert r["rows"] == r["batch"] * max_det  # no score threshold: every image fills its 100 rows
+        assert 0 < r["compared_rows"] <= r["rows"]
+        assert r["max_score_diff"] <= bench.SCORE_ATOL and r["max_box_diff_px"] <= bench.BOX_ATOL
+        assert _finite_positive(r["speedup"]) and r["speedup"] == pytest.approx(r["effdet_ms"] / r["ours_ms"])
+        for side in ("ours", "effdet"):
+            assert len(r[side]["seconds"]) == 2
+
+
+def _outputs(workload, b=2):
+    from effdet.anchors import Anchors
+    from omegaconf import OmegaConf
+
+    cfg = workload.cfg
+    cls_out, box_out = workload.heads[b]
+    _, img_scale, img_size = workload.inputs[b]
+    anchors = Anchors.from_config(OmegaConf.create(cfg)).boxes
+    with torch.inference_mode():
+        ours = bench.ours_postprocess(cls_out, box_out, workload.detector.anchors, cfg, img_scale, img_size)
+        theirs = bench.effdet_postprocess(cls_out, box_out, anchors, cfg, img_scale, img_size)
+    return ours, theirs, bench.tie_horizon(cls_out, cfg["max_detection_points"])
+
+
+def test_the_identity_check_has_teeth(workload):
+    ours, theirs, horizon = _outputs(workload)
+    assert bench.compare_detections(ours, theirs, horizon)["identical"]
+    top = (0, 0)  # the best detection of the first image is always above the tie horizon
+    assert float(theirs[top][4]) > horizon[0]
+
+    wrong_class = ours.clone()
+    wrong_class[top][5] += 1
+    with pytest.raises(bench.BenchError, match="class"):
+        bench.compare_detections(wrong_class, theirs, horizon)
+    moved = ours.clone()
+    moved[top][0] += 0.1
+    with pytest.raises(bench.BenchError, match="box diff"):
+        bench.compare_detections(moved, theirs, horizon)
+    rescored = ours.clone()
+    rescored[top][4] -= 1e-4
+    with pytest.raises(bench.BenchError, match="score diff"):
+        bench.compare_detections(rescored, theirs, horizon)
+    dropped = ours.clone()
+    dropped[top] = 0
+    with pytest.raises(bench.BenchError, match="kept"):
+        bench.compare_detections(dropped, theirs, horizon)
+    with pytest.raises(bench.BenchError, match="shapes differ"):
+        bench.compare_detections(ours[:1], theirs, horizon)
+
+
+def test_tie_horizon_is_the_highest_shared_candidate_score():
+    # one level, 1 image, 1 class, 4 anchors: logits 3, 2, 2, 1 -> the tie is at sigmoid(2)
+    cls_out = [torch.tensor([3.0, 2.0, 2.0, 1.0]).reshape(1, 1, 2, 2)]
+    assert bench.tie_horizon(cls_out, 3) == [pytest.approx(torch.tensor(2.0).sigmoid().item())]
+    assert bench.tie_horizon([torch.tensor([3.0, 2.0, 1.0, 0.0]).reshape(1, 1, 2, 2)], 3) == [float("-inf")]
+
+
+def test_handler_stage_runs_the_real_handler_bytes_to_json(workload):
+    handler, ctx = bench.make_handler(workload, threads=None)
+    answers = handler.handle([{"body": img} for img in workload.images], ctx)
+    bench.check_answers(answers, len(workload.images))
+    for a, data in zip(answers, workload.images, strict=True):
+        assert a["image"]["width"] == Image.open(io.BytesIO(data)).width
+        assert json.loads(json.dumps(a)) == a
+    with pytest.raises(bench.BenchError):
+        bench.check_answers(answers[:1], 2)
+    rows = bench.bench_handler(
+        workload, BATCHES, 2, 1, bench.Progress(enabled=False), None, "auto", (handler, ctx)
+    )
+    _assert_timing_rows(rows, 2)
+
+
+# -- the load generator and the report ----------------------------------------------------------------
+
+
+class _Stub(BaseHTTPRequestHandler):
+    """200 with a detection body, except every 4th request: 503."""
+
+    count = 0
+    lock = threading.Lock()
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        with _Stub.lock:
+            _Stub.count += 1
+            fail = _Stub.count % 4 == 0
+        body = b'{"error": "busy"}' if fail else b'{"image": {"width": 1, "height": 1}, "detections": []}'
+        self.send_response(503 if fail else 200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def stub_url():
+    _Stub.count = 0
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Stub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/predictions/x"
+    server.shutdown()
+    server.server_close()
+
+
+def _sender(url):
+    def make():
+        session = requests.Session()
+        return lambda body: session.post(url, data=body, timeout=10).status_code
+
+    return make
+
+
+def test_run_load_counts_successes_failures_and_client_cpu(stub_url):
+    reps = [bench.run_load(_sender(stub_url), [b"a", b"bb"], concurrency=3, total=12) for _ in range(2)]
+    for r in reps:
+        assert r["requests"] == 12 and r["ok"] + r["failed"] == 12 and len(r["latencies_ms"]) == r["ok"]
+        assert _finite_positive(r["wall_s"]) and r["throughput"] == pytest.approx(r["ok"] / r["wall_s"])
+        assert r["client_cpu_s"] >= 0 and r["client_cpu_pct_of_core"] >= 0
+    assert sum(r["failed"] for r in reps) == 6 and sum(r["statuses"].get("503", 0) for r in reps) == 6
+    point = bench.aggregate(reps)
+    assert point["concurrency"] == 3 and point["requests"] == 24 and point["failed"] == 6
+    assert point["statuses"] == {"200": 18, "503": 6}
+    assert point["p50_ms"] <= point["p90_ms"] <= point["p99_ms"]
+    assert point["throughput"] == pytest.approx(statistics.median(r["throughput"] for r in reps))
+
+
+def test_run_load_counts_connection_errors_as_failures():
+    dead = f"http://127.0.0.1:{free_port()}/predictions/x"
+    r = bench.run_load(_sender(dead), [b"a"], concurrency=2, total=4)
+    assert r["ok"] == 0 and r["failed"] == 4 and r["statuses"] == {"ConnectionError": 4}
+    assert math.isnan(bench.aggregate([r])["p50_ms"])
+
+
+def test_percentile_matches_linear_interpolation():
+    assert bench.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert bench.percentile([5.0], 99) == 5.0
+    assert bench.percentile(list(map(float, range(101))), 90) == 90.0
+
+
+def _fake_results(device="cpu") -> dict:
+    def timing(rate):
+        return [bench.summarize(b, [b / (rate * b**0.5)]) for b in (1, 8, 32)]
+
+    points = [
+        {"concurrency": c, "throughput": 10.0 * c**0.5, "p50_ms": 50.0 * c, "p90_ms": 70.0 * c, "p99_ms": 90.0 * c,
+         "failed": 0, "requests": 16, "client_cpu_pct_of_core": 5.0}
+        for c in (1, 4)
+    ]  # fmt: skip
+    post = [
+        {"batch": b, "ours_ms": 1.0 * b, "effdet_ms": 12.0 * b, "speedup": 12.0, "identical": True,
+         "compared_rows": 100 * b, "rows": 100 * b, "max_score_diff": 0.0, "max_box_diff_px": 0.0}
+        for b in (1, 8, 32)
+    ]  # fmt: skip
+    meta = {
+        "stamp": "x", "device": device, "device_name": "test", "precision": "fp32", "channels_last": False,
+        "threads": 1, "cpu_count": 2, "loadavg_start": None, "loadavg_end": None, "images": 2,
+        "image_side": 160, "repeats": 1, "export_dir": "e",
+        "model": {"name": "m", "backbone": "b", "image_size": [128, 128], "num_classes": 2, "origin": "test"},
+    }  # fmt: skip
+    served = [
+        {"batch_size": 4, "max_batch_delay": 10, "workers": 1, "model": "m", "points": points,
+         "reported": {"batchSize": 4, "maxBatchDelay": 10, "workers": 1}}
+    ]  # fmt: skip
+    return {"meta": meta, "model": timing(40.0), "effdet": timing(10.0), "post": post,
+            "handler": timing(20.0), "served": served}  # fmt: skip
+
+
+def test_ratios_targets_report_and_plot(tmp_path):
+    results = _fake_results()
+    r = results["ratios"] = bench.ratios(results)
+    ceiling = max(x["images_per_s"] for x in results["model"])
+    handler = max(x["images_per_s"] for x in results["handler"])
+    assert r["served_over_ceiling"] == pytest.approx(20.0 / ceiling)
+    assert r["handler_over_ceiling"] == pytest.approx(handler / ceiling)
+    assert r["served_over_handler"] == pytest.approx(20.0 / handler)
+    assert r["post_speedup"] == 12.0 and r["post_speedup_batch"] == 32
+    assert [t["met"] for t in r["targets"]] == [True, 20.0 / handler >= 0.8]
+    text = bench.report(results)
+    for title in ("1. model only", "2. effdet", "3. post-processing", "4. handler", "5. served over HTTP"):
+        assert title in text
+    lines = bench.ratio_lines(r).splitlines()
+    assert [ln.split()[0] for ln in lines[1:5]] == ["served", "handler", "served", "ours"]
+    png = bench.plot(results, tmp_path / "p.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    results["served"][0]["points"][1]["failed"] = 1  # a point with failures is no one's best
+    assert bench.ratios(results)["served_best_images_per_s"] == 10.0
+
+
+def test_gpu_target_only_counts_an_fp16_channels_last_ceiling():
+    results = _fake_results(device="cuda:0")
+    targets = bench.ratios(results)["targets"]
+    assert targets[-1]["target"].startswith("GPU served") and not targets[-1]["met"]
+    results["meta"].update(precision="fp16", channels_last=True)
+    results["served"][0]["points"][1]["throughput"] = 1e6
+    assert bench.ratios(results)["targets"][-1]["met"]
+
+
+def test_arguments_quick_defaults_and_refusals():
+    a = bench.parse_args(["--quick"])
+    assert a.batches == bench.QUICK["batches"] and a.repeats == bench.QUICK["repeats"]
+    assert a.stages == bench.STAGES and a.images >= max(a.batches)
+    a = bench.parse_args(["--configs", "1:0:1,8:20:2", "--concurrency", "1,16", "--stages", "post"])
+    assert a.configs == ((1, 0, 1), (8, 20, 2)) and a.concurrency == (1, 16) and a.stages == ("post",)
+    assert bench.parse_args([]).batches == (1, 8, 32)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--precision", "fp16"])  # fp16 is a CUDA path
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--stages", "model,nope"])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--device", "cuda"])
+
+
+def test_main_writes_table_json_and_plot_with_ratios_last(tiny_export, tmp_path, capsys):
+    threads = torch.get_num_threads()
+    results = bench.main(
+        ["--export", str(tiny_export), "--stages", "model,post", "--batches", "1,2",
+         "--repeats", "1", "--warmup", "1", "--images", "2", "--image-side", "160", "--out", str(tmp_path),
+         "--no-progress", "--threads", str(threads)]
+    )  # fmt: skip
+    assert torch.get_num_threads() == threads
+    written = json.loads((tmp_path / "latest.json").read_text())
+    assert written["meta"]["model"]["origin"] == "given" and written["meta"]["export_dir"] == str(tiny_export)
+    assert set(written) == {"meta", "model", "post", "ratios"}  # only the stages asked for
+    assert written["ratios"] == json.loads(json.dumps(results["ratios"]))
+    assert (tmp_path / "latest.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(list(tmp_path.glob("bench-*.json"))) == len(list(tmp_path.glob("bench-*.png"))) == 1
+    out = capsys.readouterr().out.rstrip().splitlines()
+    tail = out[out.index("ratios") :]
+    assert tail[1].split()[:3] == ["served", "/", "ceiling"] and "n/a" in tail[1]
+    assert tail[2].split()[:3] == ["handler", "/", "ceiling"] and "n/a" in tail[2]
+    assert tail[4].split()[:3] == ["ours", "/", "effdet"] and tail[4].split()[3].endswith("x")
+    assert "1. model only" in "\n".join(out) and "3. post-processing" in "\n".join(out)
+
+
+# -- the served stage on a real TorchServe ------------------------------------------------------------
+
+
+@pytest.mark.soak
+def test_served_stage_on_a_real_torchserve(workload, tmp_path):
+    entries = bench.bench_served(
+        workload, "tinybench", [(2, 5, 1)], [1, 2], 4, 1, 1, tmp_path / "s", bench.Progress(enabled=False)
+    )
+    (entry,) = entries
+    assert entry["reported"] == {"batchSize": 2, "maxBatchDelay": 5, "workers": 1}
+    assert [p["concurrency"] for p in entry["points"]] == [1, 2]
+    for p in entry["points"]:
+        assert p["failed"] == 0 and p["requests"] == 4 and p["statuses"] == {"200": 4}
+        assert _finite_positive(p["throughput"]) and p["p50_ms"] <= p["p99_ms"]
+    pid = bench._server_pid(SimpleNamespace(workdir=tmp_path / "s" / "ts"))
+    assert pid is None or not bench._alive(pid)  # TorchServe was stopped
