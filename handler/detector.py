@@ -111,28 +111,44 @@ class Detector:
         img_scale: torch.Tensor,
         img_size: torch.Tensor,
         iou_threshold: float | Sequence[float] | None = None,
+        score_threshold: float | Sequence[float] | None = None,
     ) -> torch.Tensor:
         """Head outputs -> [B, max_det_per_image, 6] in image pixels (effdet's DetBenchPredict output).
 
         Requests with different IoU thresholds are grouped: one ``batched_nms`` per distinct value.
+        With ``score_threshold`` (per image or one for all), candidates that no answer could show
+        are dropped before NMS; every row at or above the threshold is unchanged (see ``detect``).
+        Without it the output equals effdet's row for row.
         """
         batch = img_scale.shape[0]
-        ious = iou_threshold if isinstance(iou_threshold, Sequence) else [iou_threshold] * batch
-        ious = [self.defaults.iou_threshold if v is None else float(v) for v in ious]
+        ious = self._per_image(iou_threshold, batch, self.defaults.iou_threshold)
+        scores = self._per_image(score_threshold, batch, 0.0)
         out = None
         for iou in sorted(set(ious)):
             idx = [i for i, v in enumerate(ious) if v == iou]
+            # Scores are shown rounded to 5 decimals: keep what could round up to the threshold.
+            min_score = max(0.0, min(scores[i] for i in idx) - 1e-5)
             if len(idx) == batch:
-                return self._detect(cls_out, box_out, img_scale, img_size, iou)
+                return self._detect(cls_out, box_out, img_scale, img_size, iou, min_score)
             sel = torch.tensor(idx, device=img_scale.device)
             part = self._detect(
-                [c[sel] for c in cls_out], [b[sel] for b in box_out], img_scale[sel], img_size[sel], iou
+                [c[sel] for c in cls_out],
+                [b[sel] for b in box_out],
+                img_scale[sel],
+                img_size[sel],
+                iou,
+                min_score,
             )
             out = part.new_zeros((batch, *part.shape[1:])) if out is None else out
             out[sel] = part
         return out
 
-    def _detect(self, cls_out, box_out, img_scale, img_size, iou: float) -> torch.Tensor:
+    @staticmethod
+    def _per_image(value: float | Sequence[float] | None, batch: int, default: float) -> list[float]:
+        values = value if isinstance(value, Sequence) else [value] * batch
+        return [default if v is None else float(v) for v in values]
+
+    def _detect(self, cls_out, box_out, img_scale, img_size, iou: float, min_score: float) -> torch.Tensor:
         return detect(
             cls_out,
             box_out,
@@ -143,14 +159,17 @@ class Detector:
             iou_threshold=iou,
             img_scale=img_scale,
             img_size=img_size,
+            min_score=min_score,
         )
 
     # -- conveniences --------------------------------------------------------------------------
-    def detect_tensors(self, images: Sequence[torch.Tensor], iou_threshold=None) -> torch.Tensor:
+    def detect_tensors(
+        self, images: Sequence[torch.Tensor], iou_threshold=None, score_threshold=None
+    ) -> torch.Tensor:
         """uint8 images -> padded detections [B, max_det_per_image, 6]."""
         batch, img_scale, img_size = self.preprocess(images)
         cls_out, box_out = self.forward(batch)
-        return self.postprocess(cls_out, box_out, img_scale, img_size, iou_threshold)
+        return self.postprocess(cls_out, box_out, img_scale, img_size, iou_threshold, score_threshold)
 
     def to_response(self, detections: torch.Tensor, width: int, height: int, params: Params) -> dict:
         """One image's detection rows -> the JSON contract of DESIGN.md (without the model block)."""
@@ -185,7 +204,7 @@ class Detector:
             max_detections=self.defaults.max_detections if max_detections is None else max_detections,
         )
         tensors = [self._as_tensor(img) for img in images]
-        dets = self.detect_tensors(tensors, params.iou_threshold).cpu()
+        dets = self.detect_tensors(tensors, params.iou_threshold, params.score_threshold).cpu()
         return [
             self.to_response(d, t.shape[-1], t.shape[-2], params) for d, t in zip(dets, tensors, strict=True)
         ]
@@ -197,7 +216,9 @@ class Detector:
             return pil_to_tensor(img).to(self.device)
         return img.to(self.device)
 
-    def warm_up(self, batch_size: int = 1) -> None:
-        """One forward + post-process so the first real request does not pay for lazy init."""
+    def warm_up(self, batch_sizes: Sequence[int] = (1,)) -> None:
+        """Two passes per batch size, so the first real requests do not pay for TorchScript's profiling runs."""
         img = torch.zeros((3, *self.geometry.size), dtype=torch.uint8, device=self.device)
-        self.detect_tensors([img] * batch_size)
+        for n in batch_sizes:
+            for _ in range(2):
+                self.detect_tensors([img] * n)

@@ -53,7 +53,7 @@ class EffDetHandler(BaseHandler):
             "name": context.manifest["model"].get("modelName", card.get("name")),
             "version": context.manifest["model"].get("modelVersion", "1.0"),
         }
-        self.detector.warm_up()
+        self.detector.warm_up(sorted({1, int(props.get("batch_size") or 1)}))
         self.context = context
         self.initialized = True
         logger.info("effdet handler ready on %s (%s), classes=%s", self.device, precision, card["classes"])
@@ -75,7 +75,7 @@ class EffDetHandler(BaseHandler):
         if not good:
             return None
         return self.detector.detect_tensors(
-            [img for img, _ in good], [p.iou_threshold for _, p in good]
+            [img for img, _ in good], [p.iou_threshold for _, p in good], [p.score_threshold for _, p in good]
         ).cpu()
 
     def postprocess(self, detections: torch.Tensor | None, items: list | None = None) -> list[dict]:
@@ -84,6 +84,9 @@ class EffDetHandler(BaseHandler):
         # error stays in its own answer and the request's status is left alone.
         row_per_request = len(items) == len(self.context.request_processor or ())
         for idx, item in enumerate(items):
+            if row_per_request:
+                # without it TorchServe sends answers and errors with no Content-Type at all
+                self.context.set_response_content_type(idx, "application/json")
             if isinstance(item, RequestError):
                 if row_per_request:
                     self.context.set_response_status(item.status, item.message, idx)

@@ -108,12 +108,18 @@ def detect(
     iou_threshold: float = 0.5,
     img_scale: torch.Tensor | None = None,
     img_size: torch.Tensor | None = None,
+    min_score: float = 0.0,
 ) -> torch.Tensor:
     """Head outputs of a batch -> detections [B, max_det_per_image, 6] = (x1, y1, x2, y2, score, class).
 
     ``img_scale`` [B] maps network pixels to image pixels; ``img_size`` [B, 2] is each image's
     (width, height), boxes are clipped to it. Classes are 1-based; empty rows are zeros.
     Computation is in float32 whatever the dtype of the head outputs.
+
+    ``min_score`` drops candidates scoring below it before NMS. A box can only be suppressed by a
+    higher-scoring one, so every row scoring >= ``min_score`` is exactly effdet's; with the
+    default 0 the whole output is. The handler passes the request's score threshold: NMS, the
+    bulk of the CPU time, then works on the few boxes that can be answered.
     """
     cls_all = flatten_levels(cls_outputs, num_classes).float()
     box_all = flatten_levels(box_outputs, 4).float()
@@ -133,9 +139,13 @@ def detect(
     scores = logits.sigmoid()
 
     image_of = torch.arange(batch, device=boxes.device).repeat_interleave(k)
-    keep = batched_nms(
-        boxes.reshape(-1, 4), scores.reshape(-1), image_of * num_classes + classes.reshape(-1), iou_threshold
-    )
+    flat_boxes, flat_scores = boxes.reshape(-1, 4), scores.reshape(-1)
+    groups = image_of * num_classes + classes.reshape(-1)
+    if min_score > 0:
+        cand = torch.nonzero(flat_scores >= min_score).squeeze(1)
+        keep = cand[batched_nms(flat_boxes[cand], flat_scores[cand], groups[cand], iou_threshold)]
+    else:
+        keep = batched_nms(flat_boxes, flat_scores, groups, iou_threshold)
     # keep is sorted by score over the whole batch; a stable sort by image keeps that order within each.
     keep = keep[torch.sort(image_of[keep], stable=True).indices]
     kept_image = image_of[keep]
@@ -146,11 +156,11 @@ def detect(
     sel = rank < max_det_per_image
     keep, kept_image, rank = keep[sel], kept_image[sel], rank[sel]
 
-    out_boxes = boxes.reshape(-1, 4)[keep]
+    out_boxes = flat_boxes[keep]
     if img_scale is not None:
         out_boxes = out_boxes * img_scale.to(out_boxes)[kept_image].unsqueeze(1)
     rows = torch.cat(
-        [out_boxes, scores.reshape(-1)[keep, None], (classes.reshape(-1)[keep, None] + 1).to(out_boxes)],
+        [out_boxes, flat_scores[keep, None], (classes.reshape(-1)[keep, None] + 1).to(out_boxes)],
         dim=1,
     )
     detections = boxes.new_zeros((batch, max_det_per_image, 6))

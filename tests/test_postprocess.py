@@ -293,3 +293,20 @@ def test_iou_threshold_is_used():
         d = ours(cfg, cls_out, box_out, None, iou_threshold=iou)[0]
         counts[iou] = int((d[:, 4] > 0).sum())
     assert counts[0.2] < counts[0.5] < counts[1.0] == 300
+
+
+def test_min_score_keeps_every_row_above_it_exactly(recorded):
+    """Dropping candidates below ``min_score`` before NMS changes no row at or above it."""
+    cfg, cls_out, box_out = recorded
+    info = img_info(MAX_BATCH, cfg.image_size, seed=11)
+    want = effdet_predict(cfg, cls_out, box_out, info)
+    scores = want[..., 4][want[..., 4] > 0]
+    threshold = float(scores.median())  # about half of effdet's rows survive it
+    got = ours(cfg, cls_out, box_out, info, min_score=threshold)
+    for i in range(MAX_BATCH):
+        w = want[i][want[i, :, 4] >= threshold]
+        g = got[i][got[i, :, 4] > 0]
+        assert g.shape[0] == w.shape[0] > 0 and (g[:, 4] >= threshold).all()
+        g, w = untie(g), untie(w)
+        torch.testing.assert_close(g[:, 4:], w[:, 4:], atol=1e-6, rtol=0)
+        assert (g[:, :4] - w[:, :4]).abs().max().item() <= BOX_ATOL
