@@ -262,6 +262,7 @@ def _fake_results(device="cpu") -> dict:
     ]  # fmt: skip
     post = [
         {"batch": b, "ours_ms": 1.0 * b, "effdet_ms": 12.0 * b, "speedup": 12.0, "identical": True,
+         "served_threshold": 0.05, "ours_served_ms": 0.5 * b, "speedup_served": 24.0, "served_identical_rows": 10,
          "compared_rows": 100 * b, "rows": 100 * b, "max_score_diff": 0.0, "max_box_diff_px": 0.0}
         for b in (1, 8, 32)
     ]  # fmt: skip
@@ -287,7 +288,7 @@ def test_ratios_targets_report_and_plot(tmp_path):
     assert r["served_over_ceiling"] == pytest.approx(20.0 / ceiling)
     assert r["handler_over_ceiling"] == pytest.approx(handler / ceiling)
     assert r["served_over_handler"] == pytest.approx(20.0 / handler)
-    assert r["post_speedup"] == 12.0 and r["post_speedup_batch"] == 32
+    assert r["post_speedup"] == 12.0 and r["post_speedup_batch"] == 32 and r["post_speedup_served"] == 24.0
     assert [t["met"] for t in r["targets"]] == [True, 20.0 / handler >= 0.8]
     text = bench.report(results)
     for title in ("1. model only", "2. effdet", "3. post-processing", "4. handler", "5. served over HTTP"):
