@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--score-threshold", type=float)
     p.add_argument("--iou-threshold", type=float)
     p.add_argument("--torch-threads", type=int)
+    p.add_argument("--max-pixels", type=int, default=40_000_000, help="refuse larger images (413) before decoding")
     a = p.parse_args(argv)
     cfg = ModelConfig(
         a.batch_size,
@@ -131,6 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         a.iou_threshold,
         a.precision,
         a.torch_threads,
+        a.max_pixels,
     )
     mar = archive(a.export_dir, a.name, a.version, a.model_store, cfg)
     print(f"wrote {mar} ({mar.stat().st_size / 1e6:.1f} MB)")
