@@ -119,7 +119,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--score-threshold", type=float)
     p.add_argument("--iou-threshold", type=float)
     p.add_argument("--torch-threads", type=int)
-    p.add_argument("--max-pixels", type=int, default=40_000_000, help="refuse larger images (413) before decoding")
+    p.add_argument(
+        "--max-pixels", type=int, default=40_000_000, help="refuse larger images (413) before decoding"
+    )
     a = p.parse_args(argv)
     cfg = ModelConfig(
         a.batch_size,
