@@ -8,6 +8,7 @@ its own 4xx JSON answer so that batch-mates are served and the worker lives on.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -115,8 +116,6 @@ class EffDetHandler(BaseHandler):
         return answers
 
     def describe_handle(self) -> str:
-        import json
-
         card = self.detector.card
         return json.dumps(
             {
