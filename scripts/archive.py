@@ -38,6 +38,7 @@ class ModelConfig:
     precision: str = "fp32"
     torch_threads: int | None = None
     max_pixels: int = 40_000_000
+    device_ids: list[int] | None = None  # GPUs this model's workers use (round-robin); all when None
 
     def to_yaml(self) -> dict:
         handler = {
@@ -46,7 +47,9 @@ class ModelConfig:
             if k in ("score_threshold", "iou_threshold", "precision", "torch_threads", "max_pixels")
             and v is not None
         }
+        placement = {"deviceIds": list(self.device_ids)} if self.device_ids else {}
         return {
+            **placement,
             "batchSize": self.batch_size,
             "maxBatchDelay": self.max_batch_delay,
             "minWorkers": self.min_workers,
@@ -135,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
         a.precision,
         a.torch_threads,
         a.max_pixels,
+        a.device_ids,
     )
     mar = archive(a.export_dir, a.name, a.version, a.model_store, cfg)
     print(f"wrote {mar} ({mar.stat().st_size / 1e6:.1f} MB)")
