@@ -64,3 +64,11 @@ def model_store(exported, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def val_images(synthetic_dir) -> list[bytes]:
     return [p.read_bytes() for p in sorted((synthetic_dir / "images").glob("val_*.jpg"))]
+
+
+@pytest.fixture(scope="session")
+def detector(exported):
+    """The serving core in this process, on the exported model: the reference for served answers."""
+    from handler.detector import Detector
+
+    return Detector(exported / "model.pt")

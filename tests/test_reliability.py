@@ -51,6 +51,7 @@ from handler.detector import Detector
 from scripts.archive import ModelConfig, archive
 from scripts.client import Client
 from scripts.serve import ROOT, Server
+from tests.test_serving import _encode as encode
 from tests.test_serving import assert_schema, batches_seen, matched
 
 pytestmark = pytest.mark.slow
@@ -113,18 +114,7 @@ def client(server) -> Client:
     return Client(server.inference_url, server.management_url, server.key_file, timeout=120)
 
 
-@pytest.fixture(scope="module")
-def detector(exported) -> Detector:
-    return Detector(exported / "model.pt")
-
-
 # -- helpers ---------------------------------------------------------------------------------------
-def encode(img: Image.Image, fmt: str, **kw) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, fmt, **kw)
-    return buf.getvalue()
-
-
 def png_chunk(kind: bytes, payload: bytes) -> bytes:
     return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
 

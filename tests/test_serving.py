@@ -36,7 +36,6 @@ import requests
 import yaml
 from PIL import Image
 
-from handler.detector import Detector
 from scripts.archive import ModelConfig, archive
 from scripts.client import Client
 from scripts.serve import ROOT, Server
@@ -80,11 +79,6 @@ def server(serving_store, tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(server) -> Client:
     return Client(server.inference_url, server.management_url, server.key_file)
-
-
-@pytest.fixture(scope="module")
-def detector(exported) -> Detector:
-    return Detector(exported / "model.pt")
 
 
 def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
