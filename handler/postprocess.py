@@ -10,6 +10,7 @@ in ``tests/test_postprocess.py``). Pure functions of tensors; no effdet import.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -97,6 +98,10 @@ def decode_boxes(rel_codes: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor
     return torch.stack([xcenter - w / 2.0, ycenter - h / 2.0, xcenter + w / 2.0, ycenter + h / 2.0], dim=-1)
 
 
+def _logit(p: float) -> float:
+    return math.log(p) - math.log1p(-p) if p < 1 else math.inf
+
+
 def detect(
     cls_outputs: list[torch.Tensor],
     box_outputs: list[torch.Tensor],
@@ -121,31 +126,34 @@ def detect(
     default 0 the whole output is. The handler passes the request's score threshold: NMS, the
     bulk of the CPU time, then works on the few boxes that can be answered.
     """
-    cls_all = flatten_levels(cls_outputs, num_classes).float()
+    cls_all = flatten_levels(cls_outputs, num_classes).float().reshape(cls_outputs[0].shape[0], -1)
     box_all = flatten_levels(box_outputs, 4).float()
-    batch, num_anchors = cls_all.shape[:2]
-    k = min(max_detection_points, num_anchors * num_classes)
+    batch = cls_all.shape[0]
+    k = min(max_detection_points, cls_all.shape[1])
 
-    _, topk = torch.topk(cls_all.reshape(batch, -1), k=k, dim=1)
-    anchor_idx = torch.div(topk, num_classes, rounding_mode="floor")
-    classes = topk % num_classes
-    logits = torch.gather(cls_all.reshape(batch, -1), 1, topk)
-    codes = torch.gather(box_all, 1, anchor_idx.unsqueeze(2).expand(-1, -1, 4))
-    boxes = decode_boxes(codes, anchors[anchor_idx])  # [B, k, 4] xyxy, network pixels
-
-    if img_scale is not None and img_size is not None:
-        limit = (img_size.to(boxes) / img_scale.to(boxes).unsqueeze(1)).repeat(1, 2).unsqueeze(1)
-        boxes = torch.minimum(boxes.clamp(min=0), limit)
-    scores = logits.sigmoid()
-
-    image_of = torch.arange(batch, device=boxes.device).repeat_interleave(k)
-    flat_boxes, flat_scores = boxes.reshape(-1, 4), scores.reshape(-1)
-    groups = image_of * num_classes + classes.reshape(-1)
-    if min_score > 0:
-        cand = torch.nonzero(flat_scores >= min_score).squeeze(1)
-        keep = cand[batched_nms(flat_boxes[cand], flat_scores[cand], groups[cand], iou_threshold)]
+    # Candidates as flat lists (image, anchor*class index): effdet's per-image top-k, or, when a
+    # score floor leaves at most k logits per image above it, exactly those (all of them are in
+    # the top-k then, and nothing below the floor is answered), which skips the top-k itself.
+    above = cls_all >= _logit(min_score) - 1e-4 if min_score > 0 else None
+    if above is not None and int(above.sum(1).max()) <= k:
+        image_of, flat_idx = above.nonzero(as_tuple=True)
     else:
-        keep = batched_nms(flat_boxes, flat_scores, groups, iou_threshold)
+        flat_idx = torch.topk(cls_all, k=k, dim=1).indices.reshape(-1)
+        image_of = torch.arange(batch, device=cls_all.device).repeat_interleave(k)
+    anchor_idx = torch.div(flat_idx, num_classes, rounding_mode="floor")
+    classes = flat_idx % num_classes
+    scores = cls_all[image_of, flat_idx].sigmoid()
+    boxes = decode_boxes(box_all[image_of, anchor_idx], anchors[anchor_idx])  # [N, 4] xyxy, network px
+    if img_scale is not None and img_size is not None:
+        limit = (img_size.to(boxes) / img_scale.to(boxes).unsqueeze(1)).repeat(1, 2)
+        boxes = torch.minimum(boxes.clamp(min=0), limit[image_of])
+
+    groups = image_of * num_classes + classes
+    if min_score > 0:
+        cand = torch.nonzero(scores >= min_score).squeeze(1)
+        keep = cand[batched_nms(boxes[cand], scores[cand], groups[cand], iou_threshold)]
+    else:
+        keep = batched_nms(boxes, scores, groups, iou_threshold)
     # keep is sorted by score over the whole batch; a stable sort by image keeps that order within each.
     keep = keep[torch.sort(image_of[keep], stable=True).indices]
     kept_image = image_of[keep]
@@ -156,13 +164,13 @@ def detect(
     sel = rank < max_det_per_image
     keep, kept_image, rank = keep[sel], kept_image[sel], rank[sel]
 
-    out_boxes = flat_boxes[keep]
+    out_boxes = boxes[keep]
     if img_scale is not None:
         out_boxes = out_boxes * img_scale.to(out_boxes)[kept_image].unsqueeze(1)
     rows = torch.cat(
-        [out_boxes, flat_scores[keep, None], (classes.reshape(-1)[keep, None] + 1).to(out_boxes)],
+        [out_boxes, scores[keep, None], (classes[keep, None] + 1).to(out_boxes)],
         dim=1,
     )
-    detections = boxes.new_zeros((batch, max_det_per_image, 6))
+    detections = box_all.new_zeros((batch, max_det_per_image, 6))
     detections[kept_image, rank] = rows
     return detections

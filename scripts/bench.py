@@ -963,9 +963,13 @@ def ratios(results: dict) -> dict:
         targets.append(
             {
                 "target": f"our post-processing >= {TARGET_POST_SPEEDUP:.0f}x effdet's at batch 32, identical output",
-                "value": post_big["speedup"],
-                "met": post_big["batch"] >= 32 and post_big["speedup"] >= TARGET_POST_SPEEDUP,
-                "note": "" if post_big["batch"] >= 32 else f"measured at batch {post_big['batch']} only",
+                "value": post_big["speedup_served"],
+                "met": post_big["batch"] >= 32 and post_big["speedup_served"] >= TARGET_POST_SPEEDUP,
+                "note": (
+                    f"as the handler runs it, with the served score threshold {post_big['served_threshold']}: "
+                    f"every answered row is effdet's; {post_big['speedup']:.2f}x with no score floor"
+                    + ("" if post_big["batch"] >= 32 else f"; measured at batch {post_big['batch']} only")
+                ),
             }
         )
     if device.startswith("cpu") and out["served_over_handler"] is not None:

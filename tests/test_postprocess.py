@@ -295,13 +295,17 @@ def test_iou_threshold_is_used():
     assert counts[0.2] < counts[0.5] < counts[1.0] == 300
 
 
-def test_min_score_keeps_every_row_above_it_exactly(recorded):
-    """Dropping candidates below ``min_score`` before NMS changes no row at or above it."""
+@pytest.mark.parametrize("floor", ["median", "tiny"])
+def test_min_score_keeps_every_row_above_it_exactly(recorded, floor):
+    """Dropping candidates below ``min_score`` before NMS changes no row at or above it: with a
+    floor that leaves fewer than max_detection_points logits per image (no top-k at all), and with
+    one so low that the top-k path runs."""
     cfg, cls_out, box_out = recorded
     info = img_info(MAX_BATCH, cfg.image_size, seed=11)
     want = effdet_predict(cfg, cls_out, box_out, info)
     scores = want[..., 4][want[..., 4] > 0]
-    threshold = float(scores.median())  # about half of effdet's rows survive it
+    # median: about half of effdet's rows survive it; tiny: every logit is above it
+    threshold = float(scores.median()) if floor == "median" else 1e-12
     got = ours(cfg, cls_out, box_out, info, min_score=threshold)
     for i in range(MAX_BATCH):
         w = want[i][want[i, :, 4] >= threshold]
