@@ -35,6 +35,17 @@ class RequestError(ValueError):
         return {"error": {"code": self.code, "message": self.message}}
 
 
+def check_pixels(size: tuple[int, int], max_pixels: int) -> None:
+    """The decompression-bomb guard, on the header's (width, height) before any pixel is decoded."""
+    width, height = size
+    if width * height > max_pixels:
+        raise RequestError(
+            413,
+            "too_many_pixels",
+            f"image is {width}x{height} = {width * height} pixels, the limit is {max_pixels}",
+        )
+
+
 def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open and fully decode an image with PIL; EXIF orientation applied; first frame only."""
     if not data:
@@ -43,13 +54,7 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             img = Image.open(io.BytesIO(data))
-            width, height = img.size
-            if width * height > max_pixels:
-                raise RequestError(
-                    413,
-                    "too_many_pixels",
-                    f"image is {width}x{height} = {width * height} pixels, the limit is {max_pixels}",
-                )
+            check_pixels(img.size, max_pixels)
             img.seek(0)
             img.load()
             img = ImageOps.exif_transpose(img)
@@ -103,11 +108,7 @@ def _decode_jpeg_cuda(data: bytes, device: torch.device, max_pixels: int) -> tor
         header = Image.open(io.BytesIO(data))
     except (UnidentifiedImageError, OSError) as e:
         raise RequestError(400, "invalid_image", f"the image could not be decoded: {e}") from None
-    width, height = header.size
-    if width * height > max_pixels:
-        raise RequestError(
-            413, "too_many_pixels", f"image is {width}x{height} pixels, the limit is {max_pixels}"
-        )
+    check_pixels(header.size, max_pixels)
     if header.mode not in ("RGB", "L"):
         return None
     # torchvision's CUDA decode ignores apply_exif_orientation (only its CPU decoder honours it):

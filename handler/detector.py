@@ -22,6 +22,7 @@ from handler.postprocess import AnchorConfig, detect, generate_anchors
 from handler.request import Params
 
 MODEL_CARD = "model.json"
+SCORE_DECIMALS = 5  # scores in responses are rounded to this many decimals
 
 
 def load_card(model_dir: str | Path) -> dict:
@@ -126,8 +127,8 @@ class Detector:
         out = None
         for iou in sorted(set(ious)):
             idx = [i for i, v in enumerate(ious) if v == iou]
-            # Scores are shown rounded to 5 decimals: keep what could round up to the threshold.
-            min_score = max(0.0, min(scores[i] for i in idx) - 1e-5)
+            # Scores are shown rounded: keep what could round up to the threshold.
+            min_score = max(0.0, min(scores[i] for i in idx) - 10.0**-SCORE_DECIMALS)
             if len(idx) == batch:
                 return self._detect(cls_out, box_out, img_scale, img_size, iou, min_score)
             sel = torch.tensor(idx, device=img_scale.device)
@@ -176,7 +177,7 @@ class Detector:
         rows = detections[detections[:, 4] > 0].tolist()  # padding rows have score 0
         out = []
         for x1, y1, x2, y2, score, cls in rows:
-            score = round(score, 5)  # the threshold applies to the score the caller is shown
+            score = round(score, SCORE_DECIMALS)  # the threshold applies to the score the caller is shown
             if score < params.score_threshold or len(out) >= params.max_detections:
                 continue
             class_id = int(cls)

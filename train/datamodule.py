@@ -127,8 +127,9 @@ class EpochShuffle(Sampler[tuple[int, int]]):
         return self.n
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        base = (self.seed * 100_003 + self.epoch) * (self.n + 1)
+        epoch_seed = self.seed * 100_003 + self.epoch
+        g = torch.Generator().manual_seed(epoch_seed)
+        base = epoch_seed * (self.n + 1)
         return iter((i, base + i) for i in torch.randperm(self.n, generator=g).tolist())
 
 
