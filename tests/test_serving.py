@@ -465,7 +465,12 @@ def test_scale_workers_under_traffic(server, client, images, local):
         t_down = time.monotonic()
         down = client.scale(MODEL, 1, version="1.0")
         assert down.status_code == 200, down.text
-        time.sleep(2.0)
+        # Keep the traffic going until a request sent after the scale-down has come back: threads
+        # whose request was lost in a removed worker wait out their client timeout first.
+        deadline = time.monotonic() + TRAFFIC_TIMEOUT + 10
+        while time.monotonic() < deadline and not any(e[2] == 200 and e[0] > t_down for e in log):
+            time.sleep(0.2)
+        time.sleep(1.0)
     finally:
         stop.set()
         for t in threads:
