@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import time
+from http import HTTPStatus
 
 import torch
 from ts.torch_handler.base_handler import BaseHandler
@@ -90,7 +91,11 @@ class EffDetHandler(BaseHandler):
                 self.context.set_response_content_type(idx, "application/json")
             if isinstance(item, RequestError):
                 if row_per_request:
-                    self.context.set_response_status(item.status, item.message, idx)
+                    # The reason phrase is fixed ASCII text: TorchServe's worker protocol sends its
+                    # length in characters but its bytes in UTF-8, so one non-ASCII byte of request
+                    # data there desynchronises the stream and kills the worker. Details go in the
+                    # JSON body, which TorchServe serialises with ensure_ascii.
+                    self.context.set_response_status(item.status, HTTPStatus(item.status).phrase, idx)
                 answers.append(item.to_json())
                 continue
             img, params = item

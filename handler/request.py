@@ -27,19 +27,27 @@ class Params:
     max_detections: int
 
 
+ECHO_CHARS = 40  # at most this much of a bad value is echoed in an error message
+
+
 def _text(value) -> str:
     if isinstance(value, bytes | bytearray):
         return bytes(value).decode("utf-8", errors="replace")
     return str(value)
 
 
+def _echo(value) -> str:
+    """A bad value as it may appear in an error message: short, and ASCII with escapes."""
+    text = _text(value)
+    short = text[:ECHO_CHARS] + ("..." if len(text) > ECHO_CHARS else "")
+    return ascii(short)
+
+
 def _number(name: str, value, lo: float, hi: float, lo_open: bool = False) -> float:
     try:
         x = float(_text(value).strip()) if not isinstance(value, int | float) else float(value)
     except ValueError:
-        raise RequestError(
-            400, "invalid_parameter", f"{name} must be a number, got {_text(value)!r}"
-        ) from None
+        raise RequestError(400, "invalid_parameter", f"{name} must be a number, got {_echo(value)}") from None
     if isinstance(value, bool) or not math.isfinite(x) or x > hi or x < lo or (lo_open and x == lo):
         bracket = "(" if lo_open else "["
         raise RequestError(400, "invalid_parameter", f"{name} must be in {bracket}{lo}, {hi}], got {x}")

@@ -9,16 +9,17 @@ package and a ``model-config.yaml``; serving it needs torch, torchvision, PIL an
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+from scripts.paths import ROOT, executable
+
 HANDLER_DIR = ROOT / "handler"
 ENTRY = "effdet_handler.py"
 
@@ -83,7 +84,7 @@ def archive(
         cfg_file = tmp / "model-config.yaml"
         cfg_file.write_text(yaml.safe_dump(config.to_yaml(), sort_keys=False))
         cmd = [
-            str(Path(sys.executable).parent / "torch-model-archiver"),
+            executable("torch-model-archiver"),
             "--model-name",
             name,
             "--version",
@@ -102,7 +103,11 @@ def archive(
             str(model_store),
             "--force",
         ]
-        subprocess.run(cmd, check=True)
+        # torch-model-archiver stages the files in $TMPDIR/<model-name> and deletes that folder
+        # afterwards: point TMPDIR at our private directory so that a user's /tmp/<name> survives.
+        staging = tmp / "staging"
+        staging.mkdir()
+        subprocess.run(cmd, check=True, env={**os.environ, "TMPDIR": str(staging)})
     return model_store / f"{name}.mar"
 
 
@@ -125,20 +130,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--max-pixels", type=int, default=40_000_000, help="refuse larger images (413) before decoding"
     )
+    p.add_argument(
+        "--device-ids",
+        type=lambda s: [int(x) for x in s.split(",") if x.strip()],
+        help="comma-separated GPU ids this model's workers use round-robin (default: all GPUs)",
+    )
     a = p.parse_args(argv)
     cfg = ModelConfig(
-        a.batch_size,
-        a.max_batch_delay,
-        a.min_workers,
-        a.max_workers,
-        a.response_timeout,
-        a.device_type,
-        a.score_threshold,
-        a.iou_threshold,
-        a.precision,
-        a.torch_threads,
-        a.max_pixels,
-        a.device_ids,
+        batch_size=a.batch_size,
+        max_batch_delay=a.max_batch_delay,
+        min_workers=a.min_workers,
+        max_workers=a.max_workers,
+        response_timeout=a.response_timeout,
+        device_type=a.device_type,
+        score_threshold=a.score_threshold,
+        iou_threshold=a.iou_threshold,
+        precision=a.precision,
+        torch_threads=a.torch_threads,
+        max_pixels=a.max_pixels,
+        device_ids=a.device_ids,
     )
     mar = archive(a.export_dir, a.name, a.version, a.model_store, cfg)
     print(f"wrote {mar} ({mar.stat().st_size / 1e6:.1f} MB)")

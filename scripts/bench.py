@@ -49,7 +49,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from scripts.paths import ROOT
+
 STAGES = ("model", "effdet", "post", "handler", "served")
 FULL = {
     "batches": (1, 8, 32),

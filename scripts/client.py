@@ -20,7 +20,8 @@ from pathlib import Path
 
 import requests
 
-ROOT = Path(__file__).resolve().parent.parent
+from scripts.paths import ROOT
+
 DEFAULT_KEY_FILE = ROOT / "runs" / "serve" / "key_file.json"
 
 

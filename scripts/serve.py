@@ -24,7 +24,8 @@ from pathlib import Path
 
 import requests
 
-ROOT = Path(__file__).resolve().parent.parent
+from scripts.paths import ROOT, executable
+
 DEFAULT_WORKDIR = ROOT / "runs" / "serve"
 
 
@@ -136,7 +137,7 @@ class Server:
     def start(self, models: list[str] | None = None, timeout: float = 240) -> None:
         """``torchserve --start`` in the working directory; returns once every model is READY."""
         cmd = [
-            str(Path(sys.executable).parent / "torchserve"),
+            executable("torchserve"),
             "--start",
             "--ncs",
             "--ts-config",
@@ -156,7 +157,7 @@ class Server:
         ``--foreground`` makes the launcher wait (up to 60 s) until the frontend has exited, so the
         ports and the working directory are free when this returns.
         """
-        cmd = [str(Path(sys.executable).parent / "torchserve"), "--stop", "--foreground"]
+        cmd = [executable("torchserve"), "--stop", "--foreground"]
         subprocess.run(cmd, cwd=self.workdir, env=self._env(), capture_output=True, check=False)
 
     def tokens(self) -> dict[str, str]:

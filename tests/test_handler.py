@@ -22,6 +22,7 @@ import shutil
 import struct
 import zlib
 from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
 
 import pytest
@@ -129,6 +130,7 @@ class Answer:
     status: int  # what the worker puts on the wire for this request
     body: dict | str  # the wire body, parsed from JSON
     raw: object  # what handle() returned for this request
+    phrase: str = ""  # the reason phrase on the wire
 
 
 class Worker:
@@ -167,7 +169,7 @@ class Worker:
         for i, a in enumerate(answers):
             # the status on the wire is the one the handler set on the context for that request
             assert self.context.get_response_status(i)[0] == a["status"]
-            out.append(Answer(a["status"], json.loads(a["body"]), self.returned[i]))
+            out.append(Answer(a["status"], json.loads(a["body"]), self.returned[i], a["phrase"]))
         return out
 
 
@@ -479,6 +481,13 @@ def bad_requests(good: bytes) -> list[tuple[str, Req, int, str]]:
         ("max_detections fraction", Req(good, jpg, query={"max_detections": "2.5"}), 400, "invalid_parameter"),
         ("max_detections text", Req(good, jpg, query={"max_detections": "ten"}), 400, "invalid_parameter"),
         ("max_detections inf", Req(good, jpg, query={"max_detections": "inf"}), 400, "invalid_parameter"),
+        # non-ASCII values: they must reach neither the reason phrase nor anything but the escaped body
+        ("score_threshold e-acute", Req(good, jpg, query={"score_threshold": "\u00e9"}), 400, "invalid_parameter"),
+        ("score_threshold emoji", Req(good, jpg, query={"score_threshold": "\U0001f600"}), 400, "invalid_parameter"),
+        ("iou_threshold long non-ASCII", Req(good, jpg, query={"iou_threshold": "\u00e9" * 5000}), 400,
+         "invalid_parameter"),
+        ("max_detections json emoji", json_req({"image": base64.b64encode(good).decode(), "max_detections": "\U0001f600"}),
+         400, "invalid_parameter"),
     ]  # fmt: skip
 
 
@@ -508,7 +517,10 @@ def test_errors_are_per_request(worker, detector, images, card):
             assert set(a.body["error"]) == {"code", "message"}, name
             assert a.body["error"]["code"] == code, name
             assert isinstance(a.body["error"]["message"], str) and a.body["error"]["message"], name
-            assert worker.context.get_response_status(idx)[1] == a.body["error"]["message"]
+            # the reason phrase is the fixed ASCII phrase of the status; details only in the body
+            assert worker.context.get_response_status(idx)[1] == HTTPStatus(status).phrase, name
+            assert a.phrase == HTTPStatus(status).phrase, name
+            assert len(a.body["error"]["message"]) < 300, name  # bad values are echoed short
     assert sum(a.status == 200 for a in answers) == n_good >= 4
 
 

@@ -256,6 +256,11 @@ def bad_cases(val: bytes, max_request_size: int, max_det: int) -> list[Case]:
         Case("max_detections ten", val, params={"max_detections": "ten"}, status=400, codes=(bad,)),
         Case("json max_detections many", val, "json", params={"max_detections": "many"}, status=400,
              codes=(bad,)),
+        # non-ASCII parameter values once reached the reason phrase and killed the worker
+        Case("score_threshold e-acute", val, params={"score_threshold": "\u00e9"}, status=400, codes=(bad,)),
+        Case("score_threshold emoji", val, params={"score_threshold": "\U0001f600"}, status=400, codes=(bad,)),
+        Case("json iou_threshold emoji", val, "json", params={"iou_threshold": "\U0001f600" * 100}, status=400,
+             codes=(bad,)),
         # answered by the Java frontend itself (netty's aggregator): 413, empty body
         Case("body over max_request_size", b"\0" * (max_request_size + 1), "raw", status=413),
     ]  # fmt: skip
