@@ -154,9 +154,17 @@ def test_cli_refuses_bad_annotations_before_training(tmp_path, capsys):
 
 
 def test_pretrained_backbone_offline_says_to_pass_a_file(monkeypatch):
+    """Offline mode as the user sets it: huggingface_hub refuses at once, without touching the network."""
+    import huggingface_hub.constants
+    import huggingface_hub.errors
+
+    # huggingface_hub reads HF_HUB_OFFLINE at import, which happened long before this test
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(RuntimeError, match="--backbone-weights"):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(RuntimeError, match="--backbone-weights") as e:
         create_effdet(build_config("small", num_classes=1), pretrained_backbone=True)
+    # the hub's own offline refusal (a local-cache miss), not a network timeout
+    assert isinstance(e.value.__cause__, huggingface_hub.errors.LocalEntryNotFoundError)
 
 
 def test_backbone_weights_from_a_local_timm_state_dict(tmp_path):
