@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import tempfile
@@ -9,10 +10,13 @@ import uuid
 import zipfile
 from pathlib import Path
 
+import psutil
 import pytest
+import requests
 import yaml
 
 from scripts.paths import ROOT
+from scripts.serve import Server
 
 pytestmark = pytest.mark.slow
 
@@ -53,3 +57,42 @@ def test_archive_cli_refuses_a_bad_device_list(exported, tmp_path):
     r = run("-m", "scripts.archive", str(exported), "--device-ids", "zero", "--model-store", str(tmp_path))
     assert r.returncode == 2 and "--device-ids" in r.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_export_cli_default_method(trained_run, tmp_path):
+    """``python -m export CKPT --out DIR``: TorchScript by default, parity printed, the three files written."""
+    out = tmp_path / "export"
+    r = run("-m", "export", str(trained_run / "best.ckpt"), "--out", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"[export] script: {out / 'model.pt'}" in r.stdout
+    assert "[export] parity vs eager effdet: max |diff| = " in r.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["index_to_name.json", "model.json", "model.pt"]
+    card = json.loads((out / "model.json").read_text())
+    assert card["export"]["method"] == "script" and not card["export"]["frozen"]
+    assert card["export"]["parity"]["max_abs_diff"] <= card["export"]["parity"]["tolerance"]
+    names = json.loads((out / "index_to_name.json").read_text())
+    assert names == {str(i + 1): n for i, n in enumerate(card["classes"])}
+
+
+def test_export_cli_refuses_a_missing_checkpoint(tmp_path):
+    r = run("-m", "export", str(tmp_path / "nope.ckpt"))
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 2 and last.startswith("export failed: ") and "not found" in last, r.stderr
+    assert not (tmp_path / "export").exists()
+
+
+def test_serve_stop_cli(tmp_path):
+    """``python -m scripts.serve stop --workdir W`` stops the TorchServe running there and says so."""
+    srv = Server(tmp_path / "ts", tmp_path / "store", free_ports=True)
+    srv.model_store.mkdir()
+    srv.start([])
+    try:
+        pid = int((srv.workdir / "tmp" / ".model_server.pid").read_text())
+        assert psutil.pid_exists(pid)
+        r = run("-m", "scripts.serve", "stop", "--workdir", str(srv.workdir))
+        assert r.returncode == 0 and r.stdout.strip() == "TorchServe stopped", r.stdout + r.stderr
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"{srv.inference_url}/ping", timeout=5)
+    finally:
+        srv.stop()
