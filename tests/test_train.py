@@ -26,8 +26,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_seed_preset_is_the_seed_config_key_for_key():
-    cfg = build_config("seed", num_classes=1)
+    cfg = build_config("tf_efficientnetv2_l_512", num_classes=1)
     assert cfg == SEED_CONFIG
+    assert build_config("seed", num_classes=1) == cfg  # the alias
     assert cfg["max_det_per_image"] == 100 and cfg["backbone_name"] == "tf_efficientnetv2_l"
 
 
@@ -38,7 +39,9 @@ def test_effdet_names_and_small_preset_build():
     )
     small = build_config("small", num_classes=3)
     assert small["backbone_name"] == "mobilenetv3_large_100" and small["fpn_cell_repeats"] == 2
-    with pytest.raises(ValueError, match="unknown model"):
+    with pytest.raises(
+        ValueError, match="unknown model 'no_such_model': use 'tf_efficientnetv2_l_512', 'small'"
+    ):
         build_config("no_such_model", 1)
     with pytest.raises(ValueError, match="multiple of 128"):
         build_config("small", 1, image_size=200)

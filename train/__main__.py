@@ -42,7 +42,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d.add_argument("--synthetic-val", type=int, default=60)
     m = p.add_argument_group("model")
     m.add_argument(
-        "--model", default="small", help="'small', 'seed' or an effdet config name (efficientdet_d0...)"
+        "--model",
+        default="small",
+        help="'small', 'tf_efficientnetv2_l_512' (alias 'seed') or an effdet config name (efficientdet_d0...)",
     )
     m.add_argument("--image-size", type=int, help="square input size (multiple of 128); default: the model's")
     m.add_argument("--pretrained-backbone", action="store_true", help="download timm weights (needs network)")
@@ -101,34 +103,9 @@ def _devices(value: str):
     return int(value) if value.isdigit() else value
 
 
-def main(argv: list[str] | None = None) -> dict:
-    a = parse_args(argv)
-    pl.seed_everything(a.seed, workers=True)
-    out = Path(a.out)
-    try:
-        train, val = load_splits(a)
-    except (AnnotationError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    for name, ds in (("train", train), ("val", val)):
-        print(f"[data] {name}: " + ", ".join(f"{k}={v}" for k, v in sorted(ds.summary.items())))
-    print(f"[data] classes: {train.classes}")
-
-    cfg = build_config(a.model, len(train.classes), a.image_size)
-    geometry = Geometry(size=tuple(cfg["image_size"]))
-    module = EffDetModule(
-        cfg,
-        train.classes,
-        lr=a.lr,
-        weight_decay=a.weight_decay,
-        warmup_steps=a.warmup_steps,
-        ema_decay=a.ema_decay,
-        pretrained_backbone=a.pretrained_backbone,
-        backbone_weights=a.backbone_weights,
-        seed=a.seed,
-    )
-    dm = DetectionDataModule(train.records, val.records, geometry, a.batch_size, a.num_workers, a.seed)
-    ckpt = ModelCheckpoint(
+def build_trainer(a: argparse.Namespace, out: Path) -> tuple[pl.Trainer, ModelCheckpoint]:
+    """Lightning's Trainer for this run, and the callback that keeps ``best.ckpt`` by val mAP."""
+    best = ModelCheckpoint(
         dirpath=out,
         filename="best",
         monitor="val/map",
@@ -150,35 +127,72 @@ def main(argv: list[str] | None = None) -> dict:
         precision=a.precision,
         gradient_clip_val=a.gradient_clip,
         check_val_every_n_epoch=a.val_every,
-        callbacks=[ckpt, last, LearningRateMonitor("step")],
+        callbacks=[best, last, LearningRateMonitor("step")],
         logger=[CSVLogger(out, name="logs"), TensorBoardLogger(out, name="tb")],
         log_every_n_steps=10,
         num_sanity_val_steps=0,
     )
-    start = time.time()
-    resume = a.resume
-    if resume == "last":
-        resume = str(out / "last.ckpt")
+    return trainer, best
+
+
+def final_metrics(
+    trainer: pl.Trainer, module: EffDetModule, dm, best: ModelCheckpoint, out: Path
+) -> tuple[dict, str]:
+    """Validate the kept checkpoint (or, when no validation ran, save and validate the current weights)."""
+    path = best.best_model_path
+    if path:
+        final = trainer.validate(module, datamodule=dm, ckpt_path=path, verbose=False)[0]
+    else:  # --max-steps ended the run before any validation: evaluate and keep what we have
+        final = trainer.validate(module, datamodule=dm, verbose=False)[0]
+        path = str(out / "best.ckpt")
+        trainer.save_checkpoint(path)
+    metrics = {
+        "val_map": round(float(final.get("val/map", 0.0)), 4),
+        "val_map50": round(float(final.get("val/map50", 0.0)), 4),
+        "val_images": len(dm.val_records),
+    }
+    return metrics, path
+
+
+def main(argv: list[str] | None = None) -> dict:
+    a = parse_args(argv)
+    pl.seed_everything(a.seed, workers=True)
+    out = Path(a.out)
+    try:
+        train, val = load_splits(a)
+    except (AnnotationError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    for name, ds in (("train", train), ("val", val)):
+        print(f"[data] {name}: " + ", ".join(f"{k}={v}" for k, v in sorted(ds.summary.items())))
+    print(f"[data] classes: {train.classes}")
+
+    cfg = build_config(a.model, len(train.classes), a.image_size)
+    module = EffDetModule(
+        cfg,
+        train.classes,
+        lr=a.lr,
+        weight_decay=a.weight_decay,
+        warmup_steps=a.warmup_steps,
+        ema_decay=a.ema_decay,
+        pretrained_backbone=a.pretrained_backbone,
+        backbone_weights=a.backbone_weights,
+        seed=a.seed,
+    )
+    geometry = Geometry(size=tuple(cfg["image_size"]))
+    dm = DetectionDataModule(train.records, val.records, geometry, a.batch_size, a.num_workers, a.seed)
+    trainer, best = build_trainer(a, out)
+    resume = str(out / "last.ckpt") if a.resume == "last" else a.resume
     if resume and not Path(resume).is_file():
         raise SystemExit(f"--resume: {resume} not found")
+    start = time.time()
     trainer.fit(module, datamodule=dm, ckpt_path=resume)
     train_seconds = time.time() - start
     if trainer.interrupted:
         print("[train] interrupted: continue with --resume last (the last finished epoch)", file=sys.stderr)
         raise SystemExit(130)
     trainer.save_checkpoint(out / "last.ckpt")  # the final state, also when --max-steps ended mid-epoch
-    best = ckpt.best_model_path
-    if best:  # metrics of the kept checkpoint, for model.json
-        final = trainer.validate(module, datamodule=dm, ckpt_path=best, verbose=False)[0]
-    else:  # --max-steps ended the run before any validation: evaluate and keep what we have
-        final = trainer.validate(module, datamodule=dm, verbose=False)[0]
-        best = str(out / "best.ckpt")
-        trainer.save_checkpoint(best)
-    metrics = {
-        "val_map": round(float(final.get("val/map", 0.0)), 4),
-        "val_map50": round(float(final.get("val/map50", 0.0)), 4),
-        "val_images": len(val.records),
-    }
+    metrics, best_path = final_metrics(trainer, module, dm, best, out)
     card = model_card(
         out.name,
         cfg,
@@ -188,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
             "epochs": trainer.current_epoch,
             "steps": trainer.global_step,
             "train_seconds": round(train_seconds, 1),
-            "checkpoint": Path(best).name,
+            "checkpoint": Path(best_path).name,
             "ema_decay": a.ema_decay,
             "precision": a.precision,
             "devices": trainer.world_size,

@@ -81,17 +81,24 @@ SMALL_OVERRIDES: dict = {
 }
 
 
+# The project's presets by the architecture they build; the seed note's config is also "seed".
+PRESETS = ("tf_efficientnetv2_l_512", "small")
+ALIASES = {"seed": "tf_efficientnetv2_l_512"}
+
+
 def _effdet_base(name: str) -> dict:
     try:
         cfg = effdet.get_efficientdet_config(name)
     except KeyError:
-        raise ValueError(f"unknown model {name!r}: use 'seed', 'small' or an effdet config name") from None
+        known = ", ".join(repr(n) for n in (*PRESETS, *ALIASES))
+        raise ValueError(f"unknown model {name!r}: use {known} or an effdet config name") from None
     return json.loads(json.dumps(OmegaConf.to_container(cfg)))
 
 
 def build_config(model: str, num_classes: int, image_size: int | tuple[int, int] | None = None) -> dict:
     """Preset or effdet config name -> a complete effdet config dict for ``num_classes`` classes."""
-    if model == "seed":
+    model = ALIASES.get(model, model)
+    if model == "tf_efficientnetv2_l_512":
         cfg = copy.deepcopy(SEED_CONFIG)
     elif model == "small":
         cfg = {**_effdet_base("efficientdet_d0"), **copy.deepcopy(SMALL_OVERRIDES)}

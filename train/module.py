@@ -53,7 +53,8 @@ class EffDetModule(pl.LightningModule):
         return self.ema.module if self.ema is not None else self.bench.model
 
     def on_train_epoch_start(self):
-        # Augmentation draws from the global RNG: seed it per epoch so a resumed run repeats it.
+        # Augmentation is seeded per sample (EpochShuffle); what still draws from the global RNG
+        # (drop-path in the backbone) is seeded per epoch, so a resumed run repeats that too.
         pl.seed_everything(self.hparams.seed * 1_000 + self.current_epoch, verbose=False)
 
     def training_step(self, batch, batch_idx):
