@@ -1,0 +1,137 @@
+"""Every command line shown in README.md, SECURITY.md and docs/*.md is one the project accepts.
+
+The command lines are read out of the documents' shell code blocks. Each ``python -m MODULE ...``
+line is handed to that module's own ``main`` with argparse stopped right after parsing, so an
+unknown or mistyped flag, a wrong choice or a missing argument fails here, naming the document
+and line; each ``make TARGET`` must be a Makefile target. The commands that can run on this
+machine are run for real by the tests that follow (against the conftest's tiny model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import re
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from scripts.paths import ROOT
+
+DOCS = [ROOT / "README.md", ROOT / "SECURITY.md", *sorted((ROOT / "docs").glob("*.md"))]
+SHELL_BLOCK = re.compile(r"^```(?:bash|sh|shell|console)?\n(.*?)^```", re.S | re.M)
+
+
+@dataclass(frozen=True)
+class DocLine:
+    doc: str
+    lineno: int
+    text: str  # continuation lines joined
+
+    def __str__(self) -> str:
+        return f"{self.doc}:{self.lineno}: {self.text}"
+
+
+def doc_lines(path: Path) -> list[DocLine]:
+    """The shell lines of a document's code blocks (``\\`` continuations joined), with line numbers."""
+    text = path.read_text()
+    out = []
+    for m in SHELL_BLOCK.finditer(text):
+        first = text.count("\n", 0, m.start(1)) + 1
+        pending, start = "", 0
+        for i, line in enumerate(m.group(1).splitlines()):
+            if not pending:
+                start = first + i
+            if line.rstrip().endswith("\\"):
+                pending += line.rstrip()[:-1] + " "
+                continue
+            joined = (pending + line).strip()
+            pending = ""
+            if joined and not joined.startswith("#"):
+                out.append(DocLine(str(path.relative_to(ROOT)), start, joined))
+    return out
+
+
+ALL_LINES = [line for doc in DOCS for line in doc_lines(doc)]
+
+
+def python_commands(line: DocLine) -> list[tuple[str, list[str]]]:
+    """(module, argv) of each ``python -m MODULE ...`` in a line (pipes and ``;`` split it)."""
+    found = []
+    for part in re.split(r"\s(?:\||;|&&)\s|\bdo\b", line.text):
+        try:
+            words = shlex.split(part, comments=True)
+        except ValueError:
+            continue
+        for i, w in enumerate(words[:-2]):
+            if re.fullmatch(r"(\S*/)?python3?", w) and words[i + 1] == "-m":
+                args = [a.strip("[]") if a.startswith("[") or a.endswith("]") else a for a in words[i + 3 :]]
+                # a shell variable stands for one of the values the document gives it
+                args = ["seed" if a == "$model" else a for a in args]
+                found.append((words[i + 2], args))
+    return found
+
+
+class Parsed(Exception):
+    def __init__(self, namespace: argparse.Namespace):
+        self.namespace = namespace
+
+
+def parse_only(module: str, argv: list[str], monkeypatch) -> argparse.Namespace:
+    """Run ``module``'s ``main(argv)`` up to and including argparse, and no further."""
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        raise Parsed(original(self, args, namespace))
+
+    mod = importlib.import_module(module if not module.endswith("__main__") else module)
+    main = getattr(mod, "main", None) or importlib.import_module(f"{module}.__main__").main
+    with monkeypatch.context() as m:
+        m.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+        try:
+            main(argv)
+        except Parsed as p:
+            return p.namespace
+    raise AssertionError(f"{module}.main returned without parsing its arguments")
+
+
+PY_CASES = [(line, mod, argv) for line in ALL_LINES for mod, argv in python_commands(line)]
+
+
+def test_the_docs_show_commands():
+    """The extraction finds what the documents are known to show (so the tests below are not vacuous)."""
+    modules = {mod for _, mod, _ in PY_CASES}
+    assert {"train", "export", "scripts.archive", "scripts.client"} <= modules, modules
+    assert sum(line.text.startswith("make ") for line in ALL_LINES) >= 4
+
+
+@pytest.mark.parametrize("line, module, argv", PY_CASES, ids=[f"{c[0].doc}:{c[0].lineno}" for c in PY_CASES])
+def test_python_command_parses(line, module, argv, monkeypatch, capsys):
+    try:
+        parse_only(module, argv, monkeypatch)
+    except SystemExit as e:
+        pytest.fail(f"{line}\n  argparse refused it (exit {e.code}): {capsys.readouterr().err.strip()}")
+
+
+MAKE_CASES = [line for line in ALL_LINES if line.text.startswith("make ")]
+
+
+@pytest.mark.parametrize("line", MAKE_CASES, ids=[f"{c.doc}:{c.lineno}" for c in MAKE_CASES])
+def test_make_target_exists(line):
+    targets = set(re.findall(r"^([a-z][\w-]*):", (ROOT / "Makefile").read_text(), re.M))
+    words = shlex.split(line.text, comments=True)[1:]
+    for w in words:
+        if "=" not in w:
+            assert w in targets, f"{line}: no Makefile target {w!r}"
+
+
+def test_parse_only_refuses_what_argparse_refuses(monkeypatch):
+    """The check above can fail: an unknown flag and a bad choice are refused."""
+    with pytest.raises(SystemExit):
+        parse_only("scripts.archive", ["runs/x/export", "--no-such-flag"], monkeypatch)
+    with pytest.raises(SystemExit):
+        parse_only("export", ["runs/x/best.ckpt", "--method", "onnx"], monkeypatch)
+    ns = parse_only("scripts.archive", ["runs/x/export", "--device-ids", "0,1"], monkeypatch)
+    assert ns.device_ids == [0, 1]
