@@ -86,7 +86,8 @@ def parse_only(module: str, argv: list[str], monkeypatch) -> argparse.Namespace:
     def parse_then_stop(self, args=None, namespace=None):
         raise Parsed(original(self, args, namespace))
 
-    mod = importlib.import_module(module if not module.endswith("__main__") else module)
+    # `python -m PACKAGE` runs PACKAGE/__main__.py; `python -m package.module` that module
+    mod = importlib.import_module(module)
     main = getattr(mod, "main", None) or importlib.import_module(f"{module}.__main__").main
     with monkeypatch.context() as m:
         m.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
