@@ -11,12 +11,19 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
+import os
 import re
 import shlex
+import shutil
+import subprocess
+import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from scripts.paths import ROOT
 
@@ -136,3 +143,75 @@ def test_parse_only_refuses_what_argparse_refuses(monkeypatch):
         parse_only("export", ["runs/x/best.ckpt", "--method", "onnx"], monkeypatch)
     ns = parse_only("scripts.archive", ["runs/x/export", "--device-ids", "0,1"], monkeypatch)
     assert ns.device_ids == [0, 1]
+
+
+# -- the commands that can run here, run as written -----------------------------------------------
+def run_as_written(module: str, argv: list[str], subs: dict[str, str], cwd: Path) -> str:
+    """``python -m module argv`` with the documents' placeholders replaced; returns its stdout."""
+
+    def sub(arg: str) -> str:
+        for old, new in subs.items():
+            arg = arg.replace(old, new)
+        return arg
+
+    cmd = [sys.executable, "-m", module, *map(sub, argv)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600, env=env, check=False)
+    assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stdout[-1500:]}\n{r.stderr[-3000:]}"
+    return r.stdout
+
+
+def cases_of(module: str) -> list[tuple[DocLine, list[str]]]:
+    return [(line, argv) for line, mod, argv in PY_CASES if mod == module]
+
+
+@pytest.mark.slow
+def test_archive_commands_run(exported, tmp_path):
+    """Each archive line of the docs packages the conftest's export (the GPU one too: it only writes config)."""
+    cases = cases_of("scripts.archive")
+    assert cases
+    (tmp_path / "runs" / "NAME").mkdir(parents=True)
+    shutil.copytree(exported, tmp_path / "runs" / "NAME" / "export")
+    shutil.copytree(exported, tmp_path / "runs" / "effdet_demo" / "export")
+    for i, (line, argv) in enumerate(cases):
+        store = tmp_path / f"store{i}"
+        out = run_as_written("scripts.archive", [*argv, "--model-store", str(store)], {}, tmp_path)
+        [mar] = store.glob("*.mar")
+        assert f"wrote {mar} (" in out, line
+        with zipfile.ZipFile(mar) as z:
+            cfg = yaml.safe_load(z.read("model-config.yaml"))
+        flags = dict(zip(argv[1::2], argv[2::2], strict=False))  # after the export dir: --flag value pairs
+        if "--batch-size" in flags:
+            assert cfg["batchSize"] == int(flags["--batch-size"]), line
+        if "--device-type" in flags:
+            assert cfg["deviceType"] == flags["--device-type"], line
+
+
+@pytest.mark.slow
+def test_export_commands_run(trained_run, tmp_path):
+    """Each export line of the docs, on a copy of the conftest's trained run as runs/NAME."""
+    cases = cases_of("export")
+    assert len(cases) >= 2
+    run = tmp_path / "runs" / "NAME"
+    run.mkdir(parents=True)
+    for name in ("best.ckpt", "model.json"):
+        shutil.copy(trained_run / name, run / name)
+    for line, argv in cases:
+        out = run_as_written("export", argv, {}, tmp_path)
+        card = json.loads((run / "export" / "model.json").read_text())
+        method = "trace" if "trace" in argv else "script"
+        assert card["export"]["method"] == method and card["export"]["frozen"] == ("--freeze" in argv), line
+        assert f"[export] {method}" in out, line
+        shutil.rmtree(run / "export")
+
+
+@pytest.mark.slow
+def test_synthetic_data_command_runs(tmp_path):
+    cases = cases_of("train.synthetic")
+    assert cases
+    for line, argv in cases:
+        run_as_written("train.synthetic", argv, {}, tmp_path)
+        flags = dict(zip(argv[::2], argv[1::2], strict=False))
+        out = tmp_path / flags["--out"]
+        train = json.loads((out / "train.json").read_text())
+        assert len(train["images"]) == int(flags["--train"]), line
