@@ -10,13 +10,30 @@ import io
 import warnings
 
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import (  # noqa: F401  (the plugins register the formats that FORMATS names)
+    BmpImagePlugin,
+    GifImagePlugin,
+    Image,
+    ImageOps,
+    JpegImagePlugin,
+    PngImagePlugin,
+    TiffImagePlugin,
+    UnidentifiedImageError,
+    WebPImagePlugin,
+)
 from torchvision.transforms.v2 import functional as F
 
 # Decompression bombs: refuse images above this many pixels before decoding them.
 DEFAULT_MAX_PIXELS = 40_000_000
 # PIL's own bomb guard would fire on different thresholds; we check the header ourselves.
 Image.MAX_IMAGE_PIXELS = None
+
+# The formats a request may carry (PIL names). PIL can open about 40 more (EPS and PDF hand off to
+# Ghostscript, PSD, ICO, SGI, ...); each is parser code a stranger could aim at, so the rest are
+# refused before any plugin sees the bytes. Phone JPEGs with several frames open as "MPO" through
+# the JPEG entry.
+FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "GIF", "TIFF")
+UNSUPPORTED = f"the body is not an image in a supported format ({', '.join(FORMATS)})"
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 EXIF_ORIENTATION = 0x0112
@@ -47,13 +64,16 @@ def check_pixels(size: tuple[int, int], max_pixels: int) -> None:
 
 
 def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open and fully decode an image with PIL; EXIF orientation applied; first frame only."""
+    """Open and fully decode an image with PIL; EXIF orientation applied; first frame only.
+
+    Only ``FORMATS`` are tried: anything else is ``415 not_an_image``, like bytes that are no image.
+    """
     if not data:
         raise RequestError(400, "empty_body", "the request carried no image bytes")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=FORMATS)
             check_pixels(img.size, max_pixels)
             img.seek(0)
             img.load()
@@ -61,7 +81,7 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
     except RequestError:
         raise
     except UnidentifiedImageError:
-        raise RequestError(415, "not_an_image", "the body is not an image format we can decode") from None
+        raise RequestError(415, "not_an_image", UNSUPPORTED) from None
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
         raise RequestError(400, "invalid_image", f"the image could not be decoded: {e}") from None
     return img
@@ -105,7 +125,7 @@ def _decode_jpeg_cuda(data: bytes, device: torch.device, max_pixels: int) -> tor
     from torchvision.io import ImageReadMode, decode_jpeg
 
     try:
-        header = Image.open(io.BytesIO(data))
+        header = Image.open(io.BytesIO(data), formats=FORMATS)
     except (UnidentifiedImageError, OSError) as e:
         raise RequestError(400, "invalid_image", f"the image could not be decoded: {e}") from None
     check_pixels(header.size, max_pixels)

@@ -17,7 +17,7 @@ from http import HTTPStatus
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
-from handler.decode import RequestError
+from handler.decode import FORMATS, RequestError
 from handler.detector import Detector, load_card
 from handler.request import parse_params, split_request
 
@@ -61,11 +61,15 @@ class EffDetHandler(BaseHandler):
         logger.info("effdet handler ready on %s (%s), classes=%s", self.device, precision, card["classes"])
 
     def preprocess(self, data: list[dict]) -> list:
-        """Each row -> (uint8 image, Params) or the RequestError that row earned."""
+        """Each row -> (uint8 image, Params), the public card for a describe row, or the
+        RequestError that row earned."""
         items = []
-        for row in data:
+        for idx, row in enumerate(data):
+            if self._header_is_true(idx, "describe"):
+                items.append(self.describe_card())
+                continue
             try:
-                raw, params = split_request(row)
+                raw, params = split_request(row, self._header(idx, "content-type"))
                 params = parse_params(params, self.detector.defaults, self.detector.max_det_per_image)
                 items.append((self.detector.decode(raw), params))
             except RequestError as e:
@@ -73,7 +77,7 @@ class EffDetHandler(BaseHandler):
         return items
 
     def inference(self, items: list, *args, **kwargs) -> torch.Tensor | None:
-        good = [it for it in items if not isinstance(it, RequestError)]
+        good = [it for it in items if isinstance(it, tuple)]
         if not good:
             return None
         return self.detector.detect_tensors(
@@ -98,6 +102,9 @@ class EffDetHandler(BaseHandler):
                     self.context.set_response_status(item.status, HTTPStatus(item.status).phrase, idx)
                 answers.append(item.to_json())
                 continue
+            if isinstance(item, dict):  # a describe row's card
+                answers.append(item)
+                continue
             img, params = item
             response = self.detector.to_response(detections[k], img.shape[-1], img.shape[-2], params)
             answers.append({"model": self.model_info, **response})
@@ -105,11 +112,17 @@ class EffDetHandler(BaseHandler):
         return answers
 
     def handle(self, data: list[dict], context) -> list[dict]:
+        """One answer per row, describe rows included.
+
+        ``GET /models/{name}?customized=true`` reaches the worker as a batch of one row with the
+        header ``describe: True`` (TorchServe's frontend never batches it with predictions), and
+        TorchServe puts the answer under ``customizedMetadata``. The same header on
+        ``/predictions`` looks alike to a worker and may share a batch with predictions, so it is
+        answered per row, with the same public card, and its batch-mates are served as usual.
+        ``BaseHandler.handle`` instead answers the whole batch with one card when its first row
+        has the header: TorchServe then fails every request of that batch.
+        """
         self.context = context
-        # GET /models/{name}?customized=true arrives here as a request with header describe=True;
-        # BaseHandler.handle routes it to describe_handle, and so must this override.
-        if context.request_processor and self._is_describe():
-            return [self.describe_handle()]
         t0 = time.perf_counter()
         items = self.preprocess(data)
         t1 = time.perf_counter()
@@ -120,19 +133,49 @@ class EffDetHandler(BaseHandler):
         self._metrics(context, t1 - t0, t2 - t1, t3 - t2, answers)
         return answers
 
+    def describe_card(self) -> dict:
+        """What an inference client needs to call the model well, and nothing about where or how
+        it was trained: name, version, class names, network input size, the parameters'
+        defaults and limits, accepted formats and the device type (cpu or cuda, to set client
+        timeouts). Provenance and metrics (dataset path on the training machine, library versions,
+        val mAP) stay in model.json inside the archive, for operators."""
+        defaults = self.detector.defaults
+        return {
+            "model": self.model_info,
+            "classes": list(self.detector.card["classes"]),
+            "image_size": list(self.detector.geometry.size),
+            "defaults": {
+                "score_threshold": defaults.score_threshold,
+                "iou_threshold": defaults.iou_threshold,
+                "max_detections": defaults.max_detections,
+            },
+            "limits": {
+                "max_detections": self.detector.max_det_per_image,
+                "max_pixels": self.detector.max_pixels,
+                "formats": list(FORMATS),
+            },
+            "device": self.device.type,
+        }
+
     def describe_handle(self) -> str:
-        card = self.detector.card
-        return json.dumps(
-            {
-                "model": self.model_info,
-                "classes": card["classes"],
-                "image_size": card["preprocessing"]["size"],
-                "defaults": self.detector.defaults.__dict__,
-                "device": str(self.device),
-                "provenance": card.get("provenance", {}),
-                "metrics": card.get("metrics", {}),
-            }
-        )
+        """BaseHandler's describe hook: the public card as JSON text."""
+        return json.dumps(self.describe_card())
+
+    def _header(self, idx: int, name: str) -> str | None:
+        """Request header ``name`` of row ``idx``, by case-insensitive name (TorchServe keeps the
+        client's spelling; form fields share the mapping with dict values, skipped here)."""
+        try:
+            headers = self.context.get_all_request_header(idx) or {}
+        except (AttributeError, IndexError, KeyError, TypeError):
+            return None
+        for key, value in headers.items():
+            if isinstance(key, str) and key.lower() == name and isinstance(value, str):
+                return value
+        return None
+
+    def _header_is_true(self, idx: int, name: str) -> bool:
+        value = self._header(idx, name)
+        return value is not None and value.strip().lower() == "true"
 
     @staticmethod
     def _metrics(context, pre: float, inf: float, post: float, answers: list[dict]) -> None:
@@ -144,7 +187,7 @@ class EffDetHandler(BaseHandler):
             metrics.add_time("EffDetInferenceTime", inf * 1000, None, "ms")
             metrics.add_time("EffDetPostprocessTime", post * 1000, None, "ms")
             for a in answers:
-                if "detections" in a:
+                if isinstance(a, dict) and "detections" in a:
                     metrics.add_counter("EffDetDetections", len(a["detections"]), None)
         except Exception:  # metrics must never fail a request
             logger.debug("metric emission failed", exc_info=True)

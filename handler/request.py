@@ -75,8 +75,24 @@ def parse_params(raw: dict, defaults: Params, max_det_per_image: int) -> Params:
     )
 
 
-def split_request(row: dict) -> tuple[bytes, dict]:
-    """Find the image bytes and the raw parameters in one TorchServe request row."""
+FORM_URLENCODED = "application/x-www-form-urlencoded"
+
+
+def split_request(row: dict, content_type: str | None = None) -> tuple[bytes, dict]:
+    """Find the image bytes and the raw parameters in one TorchServe request row.
+
+    ``content_type`` is the request's header. A form-encoded body (what ``curl --data-binary``
+    sends unless told otherwise) has been split into text fields by TorchServe before it reaches
+    the handler, so it cannot hold an image: refused whole, with a message that says how to send.
+    """
+    if content_type and content_type.split(";", 1)[0].strip().lower() == FORM_URLENCODED:
+        raise RequestError(
+            415,
+            "form_encoded",
+            "an application/x-www-form-urlencoded body cannot carry an image: send the bytes with "
+            "Content-Type image/jpeg (or application/octet-stream), a multipart field 'data', "
+            "or JSON {'image': base64}",
+        )
     params = {k: row[k] for k in PARAMETERS if k in row}
     body = row.get("data")
     if body is None:

@@ -44,10 +44,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+MAR_NAME = r"[A-Za-z0-9_][A-Za-z0-9_.-]*\\.mar"  # as written in .properties (backslash doubled)
+
+
+def allowed_urls(model_store: Path) -> str:
+    """The ``allowed_urls`` value (as written in a .properties file) that admits only
+    ``file://<model_store>/NAME.mar``: no other directory, no subdirectory, no ``?``, ``#`` or ``%``.
+
+    TorchServe matches each comma-separated Java regex case-insensitively against the whole URL.
+    Every character of the path other than ``[A-Za-z0-9/_-]`` is written as ``\\x{hh}`` so that
+    neither a regex character nor a comma (the list separator) in the path changes the pattern.
+    """
+    path = str(Path(model_store).resolve())
+    literal = "".join(
+        c if c.isascii() and (c.isalnum() or c in "/_-") else f"\\\\x{{{ord(c):x}}}" for c in path
+    )
+    return f"file://{literal}/{MAR_NAME}"
+
+
 def render_config(base: Path, out: Path, model_store: Path, ports: dict[str, int] | None = None) -> Path:
-    """Copy config.properties with an absolute model store and, optionally, other loopback ports."""
+    """Copy config.properties with an absolute model store, ``allowed_urls`` anchored to it and,
+    optionally, other loopback ports."""
     text = base.read_text()
-    text = re.sub(r"(?m)^model_store=.*$", f"model_store={model_store}", text)
+    text = re.sub(r"(?m)^model_store=.*$", lambda _: f"model_store={model_store}", text)
+    text = re.sub(r"(?m)^allowed_urls=.*$", lambda _: f"allowed_urls={allowed_urls(model_store)}", text)
     for key, port in (ports or {}).items():
         if key.endswith("_port"):
             text = re.sub(rf"(?m)^{key}=.*$", f"{key}={port}", text)

@@ -577,17 +577,51 @@ def test_worker_keeps_serving_after_errors(worker, detector, images):
     assert a.body["detections"] == detector.predict([images["small"]], score_threshold=0.0)[0]["detections"]
 
 
-def test_describe(worker, card):
-    # What the frontend sends for GET /models/tiny?customized=true
+def test_describe(worker, card, detector):
+    # What the frontend sends for GET /models/tiny?customized=true: one row, headers only
     [a] = worker.predict([Req(None, headers={"describe": "True"})])
     assert a.status == 200
-    assert isinstance(a.raw, str)
-    desc = json.loads(a.raw)
-    assert a.body == desc
+    desc = a.body
+    assert a.raw == desc
     assert desc["classes"] == card["classes"]
     assert desc["model"] == {"name": MODEL_NAME, "version": MODEL_VERSION}
     assert desc["image_size"] == card["preprocessing"]["size"]
+    assert (
+        desc["defaults"]["max_detections"] == desc["limits"]["max_detections"] == detector.max_det_per_image
+    )
+    assert desc["device"] == "cpu"
+    # fit for inference clients: nothing of the training machine (paths, versions, metrics)
+    assert set(desc) == {"model", "classes", "image_size", "defaults", "limits", "device"}
+    assert "provenance" in card and str(card["provenance"]) not in json.dumps(desc)
     assert json.loads(worker.handler.describe_handle()) == desc
+
+
+def test_describe_rows_leave_batch_mates_alone(worker, images, detector):
+    """The describe header on /predictions, first in a batch, with and without a body: each such
+    row gets the card, the predictions next to it their own answers."""
+    card = json.loads(worker.handler.describe_handle())
+    answers = worker.predict(
+        [
+            Req(None, headers={"describe": "True"}),
+            Req(images["val0"], "image/jpeg", query=ALL),
+            Req(images["val0"], "image/jpeg", headers={"Describe": "true"}),
+            Req(b"not an image", "image/jpeg"),
+        ]
+    )
+    assert [a.status for a in answers] == [200, 200, 200, 415]
+    assert answers[0].body == answers[2].body == card
+    assert (
+        answers[1].body["detections"]
+        == detector.predict([images["val0"]], score_threshold=0.0)[0]["detections"]
+    )
+    assert answers[3].body["error"]["code"] == "not_an_image"
+
+
+def test_form_encoded_body_refused(worker, images):
+    [a] = worker.predict(
+        [Req(b"x", "", field="image", headers={"Content-Type": "application/x-www-form-urlencoded"})]
+    )
+    assert a.status == 415 and a.body["error"]["code"] == "form_encoded"
 
 
 def test_metrics_emitted(worker, images, caplog):
