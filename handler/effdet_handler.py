@@ -18,7 +18,7 @@ import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 from handler.decode import RequestError
-from handler.detector import Detector, load_card
+from handler.detector import Detector, bucket_sizes, load_card
 from handler.request import parse_params, split_request
 
 logger = logging.getLogger(__name__)
@@ -42,6 +42,10 @@ class EffDetHandler(BaseHandler):
         serialized = context.manifest["model"].get("serializedFile", "model.pt")
         card = load_card(model_dir)
         precision = yaml_cfg.get("precision", "fp32") if self.device.type == "cuda" else "fp32"
+        # Every batch runs padded up to one of a few sizes, each warmed below: no batch size that
+        # TorchServe forms makes TorchScript profile and fuse again while requests wait.
+        batch_size = int(props.get("batch_size") or 1)
+        buckets = yaml_cfg.get("batch_buckets") or bucket_sizes(batch_size)
         self.detector = Detector(
             os.path.join(model_dir, serialized),
             device=self.device,
@@ -50,29 +54,41 @@ class EffDetHandler(BaseHandler):
             iou_threshold=yaml_cfg.get("iou_threshold"),
             max_pixels=int(yaml_cfg.get("max_pixels", 40_000_000)),
             card=card,
+            channels_last=yaml_cfg.get("channels_last"),
+            buckets=[int(b) for b in buckets if int(b) <= batch_size] + [batch_size],
         )
         self.model_info = {
             "name": context.manifest["model"].get("modelName", card.get("name")),
             "version": context.manifest["model"].get("modelVersion", "1.0"),
         }
-        self.detector.warm_up(sorted({1, int(props.get("batch_size") or 1)}))
+        self.detector.warm_up()
         self.context = context
         self.initialized = True
         logger.info("effdet handler ready on %s (%s), classes=%s", self.device, precision, card["classes"])
 
     def preprocess(self, data: list[dict]) -> list:
-        """Each row -> (uint8 image, Params) or the RequestError that row earned."""
-        items = []
+        """Each row -> (uint8 image, Params) or the RequestError that row earned.
+
+        The images of the batch are decoded together (on CUDA, nvjpeg takes the JPEGs in one call)."""
+        items, raws = [], []
         for row in data:
             try:
                 raw, params = split_request(row)
                 params = parse_params(params, self.detector.defaults, self.detector.max_det_per_image)
-                items.append((self.detector.decode(raw), params))
+                items.append(params)
+                raws.append(raw)
             except RequestError as e:
                 items.append(e)
-        return items
+        decoded = iter(self.detector.decode_batch(raws))
+        return [it if isinstance(it, RequestError) else self._paired(next(decoded), it) for it in items]
+
+    @staticmethod
+    def _paired(image, params):
+        """(decoded image, Params) for a good row; the decode error instead when decoding failed."""
+        return image if isinstance(image, RequestError) else (image, params)
 
     def inference(self, items: list, *args, **kwargs) -> torch.Tensor | None:
+        """One forward for the good rows; the results come to the host in one copy at the end."""
         good = [it for it in items if not isinstance(it, RequestError)]
         if not good:
             return None
@@ -81,6 +97,14 @@ class EffDetHandler(BaseHandler):
         ).cpu()
 
     def postprocess(self, detections: torch.Tensor | None, items: list | None = None) -> list[dict]:
+        good = [it for it in items if not isinstance(it, RequestError)]
+        responses = (
+            self.detector.to_responses(
+                detections, [(img.shape[-1], img.shape[-2]) for img, _ in good], [p for _, p in good]
+            )
+            if good
+            else []
+        )
         answers, k = [], 0
         # Under TorchServe's kserve envelope the rows are the instances of one request: then an
         # error stays in its own answer and the request's status is left alone.
@@ -99,7 +123,7 @@ class EffDetHandler(BaseHandler):
                 answers.append(item.to_json())
                 continue
             img, params = item
-            response = self.detector.to_response(detections[k], img.shape[-1], img.shape[-2], params)
+            response = responses[k]
             answers.append({"model": self.model_info, **response})
             k += 1
         return answers
