@@ -50,17 +50,17 @@ case "$PHASE" in
 seed)
   # the CUDA tests of the nvjpeg path (single and batched decode)
   step cuda-tests 60 "$PY" -m pytest -q -p no:cacheprovider --basetemp=/tmp/pt-gpu tests/test_decode.py -k cuda
-  # train the seed preset on the GPU (mixed precision), export it, then the in-process stages on the
+  # train the seed preset on the GPU for 250 steps (mixed precision), export it, then the in-process stages on the
   # trained model: ceiling fp16 + channels_last, effdet, post-processing as served, handler, fp16 vs fp32.
   # The training speed is in seed.train-model.json (provenance: steps, train_seconds).
-  step seed-inproc 330 "${BENCH[@]}" --model seed --train-steps 120 --train-batch-size 8 \
+  step seed-inproc 330 "${BENCH[@]}" --model seed --train-steps 250 --train-batch-size 8 \
     --train-precision 16-mixed --precision fp16 --channels-last --stages model,effdet,post,handler,fp16 \
     --batches 1,8,32 --repeats 5 --out "$WORK/seed"
   keep "$WORK/seed" h100-seed-fp16-inproc
   ;;
 served)
   # served over HTTP (batchSize 32, one and two GPU workers) and the null handler at the same settings
-  step seed-served 420 "${BENCH[@]}" --model seed --train-steps 120 --train-batch-size 8 \
+  step seed-served 420 "${BENCH[@]}" --model seed --train-steps 250 --train-batch-size 8 \
     --train-precision 16-mixed --precision fp16 --channels-last --stages model,served,null --batches 32 \
     --repeats 3 --configs 32:10:1,32:10:2 --null-configs 32:10:2 --concurrency 64 --requests 512 \
     --served-repeats 1 --out "$WORK/seed"

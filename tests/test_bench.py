@@ -461,3 +461,21 @@ def test_served_stage_on_a_real_torchserve(workload, tmp_path):
         assert _finite_positive(p["throughput"]) and p["p50_ms"] <= p["p99_ms"]
     pid = bench._server_pid(SimpleNamespace(workdir=tmp_path / "s" / "ts"))
     assert pid is None or not bench._alive(pid)  # TorchServe was stopped
+
+
+def test_a_failed_stage_fails_the_run_but_keeps_the_other_figures(tiny_export, tmp_path, monkeypatch):
+    from scripts.bench import cli
+
+    def refuse(*args, **kwargs):
+        raise bench.BenchError("post-processing parity compared no rows (test)")
+
+    monkeypatch.setattr(cli, "bench_post", refuse)
+    with pytest.raises(SystemExit, match="bench FAILED: post: .*compared no rows"):
+        bench.main(
+            ["--export", str(tiny_export), "--stages", "model,post", "--batches", "1", "--repeats", "1",
+             "--warmup", "0", "--images", "1", "--image-side", "160", "--out", str(tmp_path), "--no-progress",
+             "--threads", "1"]
+        )  # fmt: skip
+    written = json.loads((tmp_path / "latest.json").read_text())
+    assert written["failures"] == {"post": "post-processing parity compared no rows (test)"}
+    assert "post" not in written and [r["batch"] for r in written["model"]] == [1]

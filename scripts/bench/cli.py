@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from scripts.bench.parity import BenchError
 from scripts.bench.report import plot, ratio_lines, ratios, report
 from scripts.bench.served import bench_served
 from scripts.bench.stages import bench_effdet, bench_fp16, bench_handler, bench_model, bench_post
@@ -46,7 +47,7 @@ QUICK = {
     "concurrency": (1, 4),
     "requests": 16,
     "served_repeats": 1,
-    "train_steps": 30,
+    "train_steps": 150,
 }
 
 
@@ -83,7 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="without an export: train --model on synthetic scenes here (default), or random heads",
     )
     p.add_argument(
-        "--train-steps", type=int, help="training steps for --weights trained (default 300, quick 30)"
+        "--train-steps",
+        type=int,
+        help="training steps for --weights trained (default 300, quick 150; the learning rate warms up over the first 50)",
     )
     p.add_argument(
         "--train-batch-size", type=int, default=8, help="training batch size for --weights trained"
@@ -249,19 +252,18 @@ def run(a: argparse.Namespace, argv: list[str] | None = None) -> dict:
         "max_det_per_image": cfg["max_det_per_image"],
     }
     results: dict = {"meta": meta}
-    if "model" in a.stages:
-        results["model"] = bench_model(w, a.batches, a.repeats, a.warmup, progress)
-    if "effdet" in a.stages:
-        results["effdet"], meta["effdet_parity_max_abs_diff"] = bench_effdet(
-            w, a.batches, a.repeats, a.warmup, progress
-        )
-    if "post" in a.stages:
-        results["post"] = bench_post(w, a.batches, a.repeats, a.warmup, progress)
-    if "handler" in a.stages:
-        results["handler"] = bench_handler(w, a.batches, a.repeats, a.warmup, progress, a.threads, a.decode)
-    if "fp16" in a.stages:
-        results["fp16"] = bench_fp16(w, progress)
-    if "served" in a.stages or "null" in a.stages:
+    failures: dict[str, str] = {}
+
+    def stage(name: str, fn) -> None:
+        """Run one stage; a refused result (BenchError) is recorded and the later stages still run,
+        so that one failed check does not lose a whole GPU session's figures. The run fails at the end."""
+        try:
+            fn()
+        except BenchError as e:
+            failures[name] = str(e)
+            progress.note(f"stage {name} FAILED: {e}")
+
+    def served_and_null() -> None:
         entries = bench_served(
             w,
             a.name,
@@ -278,6 +280,30 @@ def run(a: argparse.Namespace, argv: list[str] | None = None) -> dict:
             results["served"] = [e for e in entries if e["kind"] == "model"]
         if "null" in a.stages:
             results["null_handler"] = [e for e in entries if e["kind"] == "null"]
+
+    def effdet() -> None:
+        results["effdet"], meta["effdet_parity_max_abs_diff"] = bench_effdet(
+            w, a.batches, a.repeats, a.warmup, progress
+        )
+
+    runners = {
+        "model": lambda: results.__setitem__(
+            "model", bench_model(w, a.batches, a.repeats, a.warmup, progress)
+        ),
+        "effdet": effdet,
+        "post": lambda: results.__setitem__("post", bench_post(w, a.batches, a.repeats, a.warmup, progress)),
+        "handler": lambda: results.__setitem__(
+            "handler", bench_handler(w, a.batches, a.repeats, a.warmup, progress, a.threads, a.decode)
+        ),
+        "fp16": lambda: results.__setitem__("fp16", bench_fp16(w, progress)),
+    }
+    for name in ("model", "effdet", "post", "handler", "fp16"):
+        if name in a.stages:
+            stage(name, runners[name])
+    if "served" in a.stages or "null" in a.stages:
+        stage("served", served_and_null)
+    if failures:
+        results["failures"] = failures
     meta["loadavg_end"] = _loadavg()
     results["ratios"] = ratios(results)
     json_path = out_dir / f"bench-{stamp}.json"
@@ -288,4 +314,6 @@ def run(a: argparse.Namespace, argv: list[str] | None = None) -> dict:
     print(report(results))
     print(f"\nwrote {json_path} and {png_path}\n")
     print(ratio_lines(results["ratios"]))
+    if failures:
+        raise SystemExit("bench FAILED: " + "; ".join(f"{k}: {v}" for k, v in failures.items()))
     return results

@@ -69,6 +69,7 @@ def train_export(
     accelerator: str = "auto",
     precision: str = "32-true",
     seed: int = 0,
+    num_workers: int = 0,
 ) -> Path:
     """Train a preset on synthetic scenes with the project's own trainer for ``steps`` steps and
     export it; reused when its export exists. Trained heads score like a served model does
@@ -86,7 +87,7 @@ def train_export(
          "--synthetic-val", "16", "--model", model, *(["--image-size", str(image_size)] if image_size else []),
          "--epochs", "100000", "--max-steps", str(steps), "--batch-size", str(batch_size),
          "--val-every", "100000", "--accelerator", accelerator, "--precision", precision,
-         "--seed", str(seed), "--out", str(out)]
+         "--seed", str(seed), "--num-workers", str(num_workers), "--out", str(out)]
     )  # fmt: skip
     export(out / "best.ckpt", export_dir)
     return export_dir
