@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Sequence
 
 import torch
 from PIL import (  # noqa: F401  (the plugins register the formats that FORMATS names)
@@ -121,9 +122,50 @@ def decode_image(
     return pil_to_tensor(open_image(data, max_pixels)).to(device)
 
 
-def _decode_jpeg_cuda(data: bytes, device: torch.device, max_pixels: int) -> torch.Tensor | None:
-    from torchvision.io import ImageReadMode, decode_jpeg
+def decode_images(
+    datas: Sequence[bytes], device: torch.device | str = "cpu", max_pixels: int = DEFAULT_MAX_PIXELS
+) -> list[torch.Tensor | RequestError]:
+    """``decode_image`` for a batch: one uint8 [3, H, W] tensor or the ``RequestError`` per item.
 
+    On CUDA every JPEG that nvjpeg can take goes to it in one call (``decode_jpeg`` with a list
+    decodes the batch on the device); the rest, and all of them on the CPU, one by one as
+    ``decode_image`` does. Either way each item equals ``decode_image`` of it.
+    """
+    device = torch.device(device)
+    out: list[torch.Tensor | RequestError | None] = [None] * len(datas)
+    gpu: list[tuple[int, torch.Tensor]] = []
+    for i, data in enumerate(datas):
+        try:
+            raw = (
+                _cuda_jpeg_input(data, max_pixels)
+                if device.type == "cuda" and data[:3] == JPEG_MAGIC
+                else None
+            )
+            if raw is not None:
+                gpu.append((i, raw))
+            else:
+                out[i] = pil_to_tensor(open_image(data, max_pixels)).to(device)
+        except RequestError as e:
+            out[i] = e
+    if gpu:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        try:
+            decoded = decode_jpeg([raw for _, raw in gpu], mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:  # one bad stream fails the list: decode them one by one
+            decoded = [None] * len(gpu)
+        for (i, _), tensor in zip(gpu, decoded, strict=True):
+            if tensor is None:
+                try:
+                    tensor = decode_image(datas[i], device, max_pixels)
+                except RequestError as e:
+                    tensor = e
+            out[i] = tensor
+    return out
+
+
+def _cuda_jpeg_input(data: bytes, max_pixels: int) -> torch.Tensor | None:
+    """The JPEG's bytes as a uint8 tensor if nvjpeg can decode it as PIL would, else None."""
     try:
         header = Image.open(io.BytesIO(data), formats=FORMATS)
     except (UnidentifiedImageError, OSError) as e:
@@ -135,8 +177,16 @@ def _decode_jpeg_cuda(data: bytes, device: torch.device, max_pixels: int) -> tor
     # rotated or mirrored JPEGs go through PIL, which applies the orientation.
     if header.getexif().get(EXIF_ORIENTATION, 1) != 1:
         return None
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def _decode_jpeg_cuda(data: bytes, device: torch.device, max_pixels: int) -> torch.Tensor | None:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    raw = _cuda_jpeg_input(data, max_pixels)
+    if raw is None:
+        return None
     try:
-        raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         return decode_jpeg(raw, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
     except RuntimeError:
         return None

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from handler.decode import DEFAULT_MAX_PIXELS, decode_image, pil_to_tensor
-from handler.geometry import Geometry, letterbox
+from handler.decode import DEFAULT_MAX_PIXELS, RequestError, decode_image, decode_images, pil_to_tensor
+from handler.geometry import Geometry, letterbox_batch
 from handler.postprocess import AnchorConfig, detect, generate_anchors
 from handler.request import Params
 
@@ -38,6 +38,22 @@ def class_names(card: dict) -> dict[int, str]:
     return {i + 1: name for i, name in enumerate(card["classes"])}
 
 
+def bucket_sizes(max_batch: int) -> tuple[int, ...]:
+    """The batch sizes the network sees when batches are padded up: 1, 2, 3, 4, 6, 8, 12, 16, ...
+
+    Powers of two and the halfway points between them, up to ``max_batch``, which is always one:
+    a batch of n runs as the smallest bucket >= n, so at most a third of a batch is padding,
+    and warming each bucket once leaves no shape for TorchScript to profile and fuse while serving.
+    """
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    sizes, p = {max_batch}, 1
+    while p < max_batch:
+        sizes.update(x for x in (p, p + p // 2) if x < max_batch)
+        p *= 2
+    return tuple(sorted(sizes))
+
+
 class Detector:
     """TorchScript EfficientDet + the shared geometry + vectorised effdet post-processing."""
 
@@ -50,7 +66,11 @@ class Detector:
         iou_threshold: float | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         card: dict | None = None,
+        channels_last: bool | None = None,
+        buckets: Sequence[int] = (),
     ):
+        """``channels_last`` defaults to on for CUDA (where the convolutions want it), off on the CPU.
+        ``buckets``: batch sizes to pad every batch up to (see ``bucket_sizes``); empty: no padding."""
         model_path = Path(model_path)
         self.card = card if card is not None else load_card(model_path.parent)
         self.device = torch.device(device)
@@ -59,6 +79,10 @@ class Detector:
         if precision == "fp16" and self.device.type != "cuda":
             raise ValueError("fp16 inference needs a CUDA device")
         self.dtype = torch.float16 if precision == "fp16" else torch.float32
+        self.channels_last = self.device.type == "cuda" if channels_last is None else bool(channels_last)
+        self.buckets = tuple(sorted({int(b) for b in buckets}))
+        if self.buckets and self.buckets[0] < 1:
+            raise ValueError(f"bucket sizes must be >= 1, got {list(buckets)}")
         cfg = self.card["effdet_config"]
         self.num_classes = int(cfg["num_classes"])
         self.max_detection_points = int(cfg["max_detection_points"])
@@ -77,26 +101,40 @@ class Detector:
         )
         self.max_pixels = max_pixels
         self.anchors = generate_anchors(AnchorConfig.from_effdet_config(cfg)).to(self.device)
+        # The network file: the one place that knows its format.
         self.model = torch.jit.load(str(model_path), map_location=self.device).eval()
         if self.dtype == torch.float16:
             self.model = self.model.half()
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
 
     # -- the four steps, each usable on its own -------------------------------------------------
     def decode(self, data: bytes) -> torch.Tensor:
         """Image bytes -> uint8 RGB [3, H, W] on the detector's device (raises ``RequestError``)."""
         return decode_image(data, self.device, self.max_pixels)
 
+    def decode_batch(self, datas: Sequence[bytes]) -> list[torch.Tensor | RequestError]:
+        """``decode`` for a batch (nvjpeg decodes the JPEGs in one call): a tensor or the error per item."""
+        return decode_images(datas, self.device, self.max_pixels)
+
+    def bucket(self, n: int) -> int:
+        """The batch size a batch of ``n`` images runs as: the smallest bucket >= n, else n."""
+        return next((b for b in self.buckets if b >= n), n)
+
     def preprocess(self, images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Images of any sizes -> (batch [B,3,H,W], img_scale [B], img_size [B,2] as (w, h))."""
-        tensors, scales, sizes = [], [], []
-        for img in images:
-            x, scale = letterbox(img.to(self.device), self.geometry)
-            tensors.append(x)
-            scales.append(scale)
-            sizes.append((img.shape[-1], img.shape[-2]))
-        batch = torch.stack(tensors).to(self.dtype)
-        img_scale = torch.tensor(scales, dtype=torch.float32, device=self.device)
-        img_size = torch.tensor(sizes, dtype=torch.float32, device=self.device)
+        """Images of any sizes -> (batch [R,3,H,W], img_scale [B], img_size [B,2] as (w, h)).
+
+        R is ``bucket(B)``: rows past B are padding, which ``detect_tensors`` cuts off the heads.
+        The batch is letterboxed on the images' device in the network's dtype and memory format.
+        """
+        images = [img.to(self.device) for img in images]
+        # The small per-image tensors go to the device before any of this batch's kernels are queued.
+        sizes = [(img.shape[-1], img.shape[-2]) for img in images]
+        img_size = torch.tensor(sizes, dtype=torch.float32).to(self.device, non_blocking=True)
+        batch, scales = letterbox_batch(
+            images, self.geometry, self.bucket(len(images)), self.dtype, self.channels_last
+        )
+        img_scale = torch.tensor(scales, dtype=torch.float32).to(self.device, non_blocking=True)
         return batch, img_scale, img_size
 
     @torch.inference_mode()
@@ -170,26 +208,56 @@ class Detector:
         """uint8 images -> padded detections [B, max_det_per_image, 6]."""
         batch, img_scale, img_size = self.preprocess(images)
         cls_out, box_out = self.forward(batch)
+        n = len(images)
+        if batch.shape[0] > n:  # padding rows never reach the post-processing
+            cls_out, box_out = [c[:n] for c in cls_out], [b[:n] for b in box_out]
         return self.postprocess(cls_out, box_out, img_scale, img_size, iou_threshold, score_threshold)
 
     def to_response(self, detections: torch.Tensor, width: int, height: int, params: Params) -> dict:
         """One image's detection rows -> the JSON contract of DESIGN.md (without the model block)."""
-        rows = detections[detections[:, 4] > 0].tolist()  # padding rows have score 0
-        out = []
-        for x1, y1, x2, y2, score, cls in rows:
-            score = round(score, SCORE_DECIMALS)  # the threshold applies to the score the caller is shown
-            if score < params.score_threshold or len(out) >= params.max_detections:
-                continue
-            class_id = int(cls)
+        return self.to_responses(detections.unsqueeze(0), [(width, height)], [params])[0]
+
+    def to_responses(
+        self, detections: torch.Tensor, sizes: Sequence[tuple[int, int]], params: Sequence[Params]
+    ) -> list[dict]:
+        """A batch's rows [B, N, 6] -> one response per image, each with its own (width, height) and Params.
+
+        Rounding, the threshold on the shown score and ``max_detections`` are tensor operations
+        over the whole batch (float64 ``round`` with decimals gives what Python's ``round`` gives
+        for every float32 input); what is left per detection is building its dict.
+        """
+        d = detections.detach().to("cpu", torch.float64)
+        shown = torch.round(d[..., 4], decimals=SCORE_DECIMALS)  # the threshold applies to the shown score
+        threshold = torch.tensor([p.score_threshold for p in params], dtype=torch.float64)
+        limit = torch.tensor([p.max_detections for p in params], dtype=torch.int64)
+        keep = (d[..., 4] > 0) & (shown >= threshold.unsqueeze(1))  # padding rows have score 0
+        keep &= keep.cumsum(1) <= limit.unsqueeze(1)  # rows are sorted by score
+        counts = keep.sum(1).tolist()
+        flat = keep.reshape(-1).nonzero().squeeze(1)
+        rows = d.reshape(-1, 6).index_select(0, flat)
+        boxes = torch.round(rows[:, :4], decimals=3).tolist()
+        scores = shown.reshape(-1).index_select(0, flat).tolist()
+        classes = rows[:, 5].long().tolist()
+        labels = self.labels
+        out, start = [], 0
+        for (width, height), n in zip(sizes, counts, strict=True):
+            rows = range(start, start + n)
+            start += n
             out.append(
                 {
-                    "box": [round(x1, 3), round(y1, 3), round(x2, 3), round(y2, 3)],
-                    "score": score,
-                    "class_id": class_id,
-                    "label": self.labels.get(class_id, str(class_id)),
+                    "image": {"width": int(width), "height": int(height)},
+                    "detections": [
+                        {
+                            "box": boxes[k],
+                            "score": scores[k],
+                            "class_id": classes[k],
+                            "label": labels.get(classes[k], str(classes[k])),
+                        }
+                        for k in rows
+                    ],
                 }
             )
-        return {"image": {"width": int(width), "height": int(height)}, "detections": out}
+        return out
 
     def predict(
         self,
@@ -206,9 +274,7 @@ class Detector:
         )
         tensors = [self._as_tensor(img) for img in images]
         dets = self.detect_tensors(tensors, params.iou_threshold, params.score_threshold).cpu()
-        return [
-            self.to_response(d, t.shape[-1], t.shape[-2], params) for d, t in zip(dets, tensors, strict=True)
-        ]
+        return self.to_responses(dets, [(t.shape[-1], t.shape[-2]) for t in tensors], [params] * len(tensors))
 
     def _as_tensor(self, img) -> torch.Tensor:
         if isinstance(img, bytes | bytearray):
@@ -217,9 +283,12 @@ class Detector:
             return pil_to_tensor(img).to(self.device)
         return img.to(self.device)
 
-    def warm_up(self, batch_sizes: Sequence[int] = (1,)) -> None:
-        """Two passes per batch size, so the first real requests do not pay for TorchScript's profiling runs."""
+    def warm_up(self, batch_sizes: Sequence[int] | None = None, passes: int | None = None) -> None:
+        """Run every batch size the network will see (default: each bucket, else 1) ``passes`` times
+        (default 3 on CUDA, where the profiling executor fuses on the 2nd-3rd call, 2 on the CPU),
+        so that no real request pays for TorchScript's profiling and fusion."""
         img = torch.zeros((3, *self.geometry.size), dtype=torch.uint8, device=self.device)
-        for n in batch_sizes:
-            for _ in range(2):
-                self.detect_tensors([img] * n)
+        passes = passes if passes is not None else 3 if self.device.type == "cuda" else 2
+        for n in batch_sizes or self.buckets or (1,):
+            for _ in range(passes):
+                self.detect_tensors([img] * n).cpu()

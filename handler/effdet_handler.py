@@ -18,8 +18,8 @@ import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 from handler.decode import FORMATS, RequestError
-from handler.detector import Detector, load_card
-from handler.request import parse_params, split_request
+from handler.detector import Detector, bucket_sizes, load_card
+from handler.request import Params, parse_params, split_request
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +42,10 @@ class EffDetHandler(BaseHandler):
         serialized = context.manifest["model"].get("serializedFile", "model.pt")
         card = load_card(model_dir)
         precision = yaml_cfg.get("precision", "fp32") if self.device.type == "cuda" else "fp32"
+        # Every batch runs padded up to one of a few sizes, each warmed below: no batch size that
+        # TorchServe forms makes TorchScript profile and fuse again while requests wait.
+        batch_size = int(props.get("batch_size") or 1)
+        buckets = yaml_cfg.get("batch_buckets") or bucket_sizes(batch_size)
         self.detector = Detector(
             os.path.join(model_dir, serialized),
             device=self.device,
@@ -50,20 +54,24 @@ class EffDetHandler(BaseHandler):
             iou_threshold=yaml_cfg.get("iou_threshold"),
             max_pixels=int(yaml_cfg.get("max_pixels", 40_000_000)),
             card=card,
+            channels_last=yaml_cfg.get("channels_last"),
+            buckets=[int(b) for b in buckets if int(b) <= batch_size] + [batch_size],
         )
         self.model_info = {
             "name": context.manifest["model"].get("modelName", card.get("name")),
             "version": context.manifest["model"].get("modelVersion", "1.0"),
         }
-        self.detector.warm_up(sorted({1, int(props.get("batch_size") or 1)}))
+        self.detector.warm_up()
         self.context = context
         self.initialized = True
         logger.info("effdet handler ready on %s (%s), classes=%s", self.device, precision, card["classes"])
 
     def preprocess(self, data: list[dict]) -> list:
         """Each row -> (uint8 image, Params), the public card for a describe row, or the
-        RequestError that row earned."""
-        items = []
+        RequestError that row earned.
+
+        The images of the batch are decoded together (on CUDA, nvjpeg takes the JPEGs in one call)."""
+        items, raws = [], []
         for idx, row in enumerate(data):
             if self._header_is_true(idx, "describe"):
                 items.append(self.describe_card())
@@ -71,12 +79,20 @@ class EffDetHandler(BaseHandler):
             try:
                 raw, params = split_request(row, self._header(idx, "content-type"))
                 params = parse_params(params, self.detector.defaults, self.detector.max_det_per_image)
-                items.append((self.detector.decode(raw), params))
+                items.append(params)
+                raws.append(raw)
             except RequestError as e:
                 items.append(e)
-        return items
+        decoded = iter(self.detector.decode_batch(raws))
+        return [self._paired(next(decoded), it) if isinstance(it, Params) else it for it in items]
+
+    @staticmethod
+    def _paired(image, params):
+        """(decoded image, Params) for a good row; the decode error instead when decoding failed."""
+        return image if isinstance(image, RequestError) else (image, params)
 
     def inference(self, items: list, *args, **kwargs) -> torch.Tensor | None:
+        """One forward for the good rows; the results come to the host in one copy at the end."""
         good = [it for it in items if isinstance(it, tuple)]
         if not good:
             return None
@@ -84,7 +100,15 @@ class EffDetHandler(BaseHandler):
             [img for img, _ in good], [p.iou_threshold for _, p in good], [p.score_threshold for _, p in good]
         ).cpu()
 
-    def postprocess(self, detections: torch.Tensor | None, items: list | None = None) -> list[dict]:
+    def postprocess(self, detections: torch.Tensor | None, items: list) -> list[dict]:
+        good = [it for it in items if isinstance(it, tuple)]
+        responses = (
+            self.detector.to_responses(
+                detections, [(img.shape[-1], img.shape[-2]) for img, _ in good], [p for _, p in good]
+            )
+            if good
+            else []
+        )
         answers, k = [], 0
         # Under TorchServe's kserve envelope the rows are the instances of one request: then an
         # error stays in its own answer and the request's status is left alone.
@@ -105,9 +129,7 @@ class EffDetHandler(BaseHandler):
             if isinstance(item, dict):  # a describe row's card
                 answers.append(item)
                 continue
-            img, params = item
-            response = self.detector.to_response(detections[k], img.shape[-1], img.shape[-2], params)
-            answers.append({"model": self.model_info, **response})
+            answers.append({"model": self.model_info, **responses[k]})
             k += 1
         return answers
 

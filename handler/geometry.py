@@ -10,6 +10,7 @@ two sides cannot drift apart.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -63,3 +64,42 @@ def letterbox(image: torch.Tensor, geometry: Geometry) -> tuple[torch.Tensor, fl
     pad_bottom, pad_right = geometry.size[0] - new_h, geometry.size[1] - new_w
     x = torch.nn.functional.pad(x, (0, pad_right, 0, pad_bottom), value=0.0)
     return x, 1.0 / scale
+
+
+def letterbox_batch(
+    images: Sequence[torch.Tensor],
+    geometry: Geometry,
+    rows: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    channels_last: bool = False,
+) -> tuple[torch.Tensor, list[float]]:
+    """uint8 CHW images of any sizes -> one normalised [rows, 3, H, W] batch and their img_scales.
+
+    Each image is resized on its own (sizes differ) straight into one preallocated batch that
+    starts as the mean colour, and the whole batch is normalised once, so every image equals
+    ``letterbox`` of it bit for bit (padding is mean - mean = 0 exactly). Rows past
+    ``len(images)`` are padding: all zeros, for a caller that rounds batches up to a few sizes.
+    The float32 result is cast to ``dtype`` (and ``channels_last``) at the end, on the images' device.
+    """
+    rows = len(images) if rows is None else rows
+    if not images or rows < len(images):
+        raise ValueError(f"need 1..rows images, got {len(images)} for {rows} rows")
+    device = images[0].device
+    height, width = geometry.size
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    mean = torch.tensor(geometry.mean, dtype=torch.float32).view(1, 3, 1, 1).to(device, non_blocking=True)
+    std = torch.tensor(geometry.std, dtype=torch.float32).view(1, 3, 1, 1).to(device, non_blocking=True)
+    batch = torch.empty((rows, 3, height, width), dtype=torch.float32, device=device, memory_format=fmt)
+    batch.copy_(mean.expand_as(batch))
+    scales = []
+    for i, image in enumerate(images):
+        if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
+            raise ValueError(f"expected a uint8 [3, H, W] tensor, got {image.dtype} {list(image.shape)}")
+        new_h, new_w, scale = letterbox_size(image.shape[-2], image.shape[-1], geometry.size)
+        x = image.to(torch.float32).div_(255.0)
+        batch[i, :, :new_h, :new_w] = F.resize(
+            x, [new_h, new_w], interpolation=F.InterpolationMode.BILINEAR, antialias=True
+        )
+        scales.append(1.0 / scale)
+    batch.sub_(mean).div_(std)
+    return batch.to(dtype=dtype, memory_format=fmt), scales

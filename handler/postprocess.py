@@ -2,10 +2,11 @@
 
 effdet runs ``_post_process`` (top-k over all levels) and then loops over the images calling
 ``generate_detections`` (decode, clip, per-class NMS, ``max_det_per_image``). Here the same
-steps run once for the whole batch: one top-k, one decode, one ``batched_nms`` with
-(image, class) as the group id, and a scatter of each image's best detections into a padded
-``[B, max_det_per_image, 6]`` tensor. The result equals effdet's, row for row (golden tests
-in ``tests/test_postprocess.py``). Pure functions of tensors; no effdet import.
+steps run once for the whole batch: one top-k, one decode, one NMS over every (image, class)
+group at once (``grouped_nms``), and a scatter of each image's best detections into a padded
+``[B, max_det_per_image, 6]`` tensor, with no Python loop over images or groups and, on CUDA,
+no host synchronisation after the candidate selection. The result equals effdet's, row for row
+(golden tests in ``tests/test_postprocess.py``). Pure functions of tensors; no effdet import.
 """
 
 from __future__ import annotations
@@ -14,7 +15,12 @@ import math
 from dataclasses import dataclass
 
 import torch
-from torchvision.ops import batched_nms
+from torchvision.ops import batched_nms, nms
+
+# Above this many boxes one NMS call over all groups costs more than torchvision's per-group loop:
+# the CPU kernel is O(kept x boxes), the CUDA one holds a boxes^2 / 8 byte mask. At a served score
+# threshold a batch stays far below it; without a floor (5000 candidates per image) it does not.
+GROUPED_NMS_MAX_BOXES = {"cpu": 8_000, "cuda": 40_000}
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,31 @@ def decode_boxes(rel_codes: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor
     return torch.stack([xcenter - w / 2.0, ycenter - h / 2.0, xcenter + w / 2.0, ycenter + h / 2.0], dim=-1)
 
 
+def grouped_nms(
+    boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, iou_threshold: float
+) -> torch.Tensor:
+    """NMS within each group id, as ``torchvision.ops.batched_nms``, in one ``nms`` call.
+
+    torchvision's own coordinate trick runs only below 1000 boxes on CPU; above, it loops over the
+    groups in Python. Here every group is moved into its own band, always: the boxes are shifted
+    by integers in float64, ``floor(min)`` down and ``group * span`` along, where ``span`` is the
+    integer just above the whole batch's coordinate range, so no two groups can touch and every
+    shifted coordinate and width is the exact float32 value (float64 holds them to 2^53). The IoU
+    is then computed in float64 from the float32 boxes, where the per-group loop computes it in
+    float32: only an IoU within float32 rounding of the threshold could decide differently.
+    Kept indices come back sorted by decreasing score, as ``batched_nms`` returns them.
+    """
+    if boxes.numel() == 0:
+        return torch.empty((0,), dtype=torch.int64, device=boxes.device)
+    if boxes.shape[0] > GROUPED_NMS_MAX_BOXES.get(boxes.device.type, GROUPED_NMS_MAX_BOXES["cuda"]):
+        return batched_nms(boxes, scores, groups, iou_threshold)
+    wide = boxes.double()
+    low = wide.min().floor()
+    span = (wide.max() - low).floor() + 2.0
+    shifted = wide - low + (groups.to(wide) * span).unsqueeze(1)
+    return nms(shifted, scores.double(), iou_threshold)
+
+
 def _logit(p: float) -> float:
     return math.log(p) - math.log1p(-p) if p < 1 else math.inf
 
@@ -134,7 +165,8 @@ def detect(
     # Candidates as flat lists (image, anchor*class index): effdet's per-image top-k, or, when a
     # score floor leaves at most k logits per image above it, exactly those (all of them are in
     # the top-k then, and nothing below the floor is answered), which skips the top-k itself.
-    above = cls_all >= _logit(min_score) - 1e-4 if min_score > 0 else None
+    # On CUDA the count would be a host sync: the top-k is cheap there, so it always runs.
+    above = cls_all >= _logit(min_score) - 1e-4 if min_score > 0 and cls_all.device.type != "cuda" else None
     if above is not None and int(above.sum(1).max()) <= k:
         image_of, flat_idx = above.nonzero(as_tuple=True)
     else:
@@ -151,18 +183,18 @@ def detect(
     groups = image_of * num_classes + classes
     if min_score > 0:
         cand = torch.nonzero(scores >= min_score).squeeze(1)
-        keep = cand[batched_nms(boxes[cand], scores[cand], groups[cand], iou_threshold)]
+        keep = cand[grouped_nms(boxes[cand], scores[cand], groups[cand], iou_threshold)]
     else:
-        keep = batched_nms(boxes, scores, groups, iou_threshold)
+        keep = grouped_nms(boxes, scores, groups, iou_threshold)
     # keep is sorted by score over the whole batch; a stable sort by image keeps that order within each.
     keep = keep[torch.sort(image_of[keep], stable=True).indices]
     kept_image = image_of[keep]
-    starts = torch.cumsum(torch.bincount(kept_image, minlength=batch), 0) - torch.bincount(
-        kept_image, minlength=batch
-    )
-    rank = torch.arange(keep.numel(), device=keep.device) - starts[kept_image]
-    sel = rank < max_det_per_image
-    keep, kept_image, rank = keep[sel], kept_image[sel], rank[sel]
+    counts = torch.zeros(batch, dtype=torch.int64, device=keep.device)
+    counts.scatter_add_(0, kept_image, torch.ones_like(kept_image))
+    starts = torch.cumsum(counts, 0) - counts
+    # Rank within its image; ranks past max_det_per_image land in one spare column, cut off below
+    # (a boolean mask would cost a host sync on CUDA).
+    rank = (torch.arange(keep.numel(), device=keep.device) - starts[kept_image]).clamp_(max=max_det_per_image)
 
     out_boxes = boxes[keep]
     if img_scale is not None:
@@ -171,6 +203,6 @@ def detect(
         [out_boxes, scores[keep, None], (classes[keep, None] + 1).to(out_boxes)],
         dim=1,
     )
-    detections = box_all.new_zeros((batch, max_det_per_image, 6))
+    detections = box_all.new_zeros((batch, max_det_per_image + 1, 6))
     detections[kept_image, rank] = rows
-    return detections
+    return detections[:, :max_det_per_image]

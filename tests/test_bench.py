@@ -158,6 +158,71 @@ def test_the_identity_check_has_teeth(workload):
         bench.compare_detections(ours[:1], theirs, horizon)
 
 
+def test_a_parity_check_that_compared_nothing_fails(workload):
+    ours, theirs, horizon = _outputs(workload)
+    above_all = [float(theirs[i, :, 4].max()) for i in range(theirs.shape[0])]
+    with pytest.raises(bench.BenchError, match="compared no rows"):
+        bench.compare_detections(ours, theirs, above_all)
+    with pytest.raises(bench.BenchError, match="compared no rows"):
+        bench.compare_detections(torch.zeros_like(ours), torch.zeros_like(theirs))
+
+
+def test_match_detections_same_class_and_iou():
+    def det(box, cls, score=0.9):
+        return {"box": box, "class_id": cls, "score": score}
+
+    ref = [det([0, 0, 10, 10], 1), det([20, 20, 30, 30], 2), det([50, 50, 60, 60], 1)]
+    other = [
+        det([0, 0, 10, 10.5], 1),  # IoU 0.95: matched
+        det([20, 20, 30, 30], 1),  # other class: not matched
+        det([50, 50, 60, 62], 1),  # IoU 0.83: not matched
+    ]
+    assert bench.match_detections(ref, other) == (1, 3)
+    assert bench.match_detections(ref, other, min_iou=0.8) == (2, 3)
+    assert bench.match_detections(ref, ref) == (3, 3)
+    assert bench.match_detections([], other) == (0, 0) and bench.match_detections(ref, []) == (0, 3)
+    # one to one: two reference boxes cannot both claim the same other box
+    assert bench.match_detections([ref[0], ref[0]], [ref[0]]) == (1, 2)
+
+
+def test_fp16_stage_is_skipped_with_a_reason_on_the_cpu(workload):
+    stream = io.StringIO()
+    out = bench.bench_fp16(workload, bench.Progress(stream=stream))
+    assert "CUDA" in out["skipped"] and "fp16 stage skipped" in stream.getvalue()
+
+
+def test_null_handler_archive_and_answers(tmp_path):
+    """The null handler's own .mar, built by the real torch-model-archiver, holds the handler and
+    the settings; the handler answers each request of a batch with the constant."""
+    import zipfile
+
+    import yaml
+
+    from scripts.bench import null_handler
+
+    mar = bench.archive_null("null_b4_d5_w1", tmp_path, (4, 5, 1), cuda=False)
+    with zipfile.ZipFile(mar) as z:
+        names = set(z.namelist())
+        manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
+        config = yaml.safe_load(z.read("model-config.yaml"))
+    assert "null_handler.py" in names and manifest["model"]["handler"] == "null_handler.py"
+    assert config["batchSize"] == 4 and config["maxBatchDelay"] == 5 and config["deviceType"] == "cpu"
+    assert null_handler.handle(None, None) is None
+    answers = null_handler.handle([{"body": b"x"}] * 3, None)
+    assert len(answers) == 3 and all("detections" in a for a in answers)
+
+
+def test_train_export_trains_exports_and_is_reused(tmp_path):
+    """The bench's default model: the preset trained here (2 steps at 128 px in this test) and exported."""
+    export_dir = bench.train_export(tmp_path / "t", "small", 128, steps=2, batch_size=2, accelerator="cpu")
+    card = json.loads((export_dir / "model.json").read_text())
+    assert (export_dir / "model.pt").is_file() and card["provenance"]["steps"] == 2
+    assert card["effdet_config"]["image_size"] == [128, 128] and card["provenance"]["train_seconds"] > 0
+    stamp = (export_dir / "model.pt").stat().st_mtime_ns
+    assert bench.train_export(tmp_path / "t", "small", 128, steps=2, batch_size=2) == export_dir
+    assert (export_dir / "model.pt").stat().st_mtime_ns == stamp
+
+
 def test_tie_horizon_is_the_highest_shared_candidate_score():
     # one level, 1 image, 1 class, 4 anchors: logits 3, 2, 2, 1 -> the tie is at sigmoid(2)
     cls_out = [torch.tensor([3.0, 2.0, 2.0, 1.0]).reshape(1, 1, 2, 2)]
@@ -289,7 +354,9 @@ def test_ratios_targets_report_and_plot(tmp_path):
     assert r["handler_over_ceiling"] == pytest.approx(handler / ceiling)
     assert r["served_over_handler"] == pytest.approx(20.0 / handler)
     assert r["post_speedup"] == 12.0 and r["post_speedup_batch"] == 32 and r["post_speedup_served"] == 24.0
-    assert [t["met"] for t in r["targets"]] == [True, 20.0 / handler >= 0.8]
+    assert [t["met"] for t in r["targets"]] == [True, 20.0 / handler >= 0.8, True]
+    assert r["served_best_p99_over_p50"] == pytest.approx(90.0 / 50.0 * 4 / 4)  # at the best point (c=4)
+    assert r["served_over_limit"] == pytest.approx(20.0 / ceiling)  # no null-handler point: the ceiling
     text = bench.report(results)
     for title in ("1. model only", "2. effdet", "3. post-processing", "4. handler", "5. served over HTTP"):
         assert title in text
@@ -302,13 +369,39 @@ def test_ratios_targets_report_and_plot(tmp_path):
     assert bench.ratios(results)["served_best_images_per_s"] == 10.0
 
 
+def _target(r: dict, prefix: str) -> dict:
+    (t,) = [t for t in r["targets"] if t["target"].startswith(prefix)]
+    return t
+
+
 def test_gpu_target_only_counts_an_fp16_channels_last_ceiling():
     results = _fake_results(device="cuda:0")
-    targets = bench.ratios(results)["targets"]
-    assert targets[-1]["target"].startswith("GPU served") and not targets[-1]["met"]
+    assert not _target(bench.ratios(results), "GPU served >= 0.8 x the fp16")["met"]
     results["meta"].update(precision="fp16", channels_last=True)
     results["served"][0]["points"][1]["throughput"] = 1e6
-    assert bench.ratios(results)["targets"][-1]["met"]
+    assert _target(bench.ratios(results), "GPU served >= 0.8 x the fp16")["met"]
+
+
+def test_null_handler_point_sets_the_limit_and_fp16_agreement_is_a_target():
+    results = _fake_results(device="cuda:0")
+    ceiling = max(x["images_per_s"] for x in results["model"])
+    null = {
+        **results["served"][0],
+        "kind": "null",
+        "points": [dict(p) for p in results["served"][0]["points"]],
+    }
+    for p in null["points"]:
+        p["throughput"] = 25.0  # a frontend slower than the ceiling: it is the limit
+    results["null_handler"] = [null]
+    results["fp16"] = {"matched": 99, "fp32_detections": 100, "agreement": 0.99, "met": True,
+                       "min_score": 0.3, "min_iou": 0.9}  # fmt: skip
+    r = bench.ratios(results)
+    assert r["null_handler_best_images_per_s"] == 25.0 and 25.0 < ceiling
+    assert r["served_over_limit"] == pytest.approx(20.0 / 25.0)
+    assert _target(r, "GPU served >= 0.8 x min")["met"] is True
+    assert _target(r, ">= 99 %")["met"] is True
+    text = bench.report(results)
+    assert "6. null handler" in text and "99/100" in text
 
 
 def test_arguments_quick_defaults_and_refusals():
@@ -346,6 +439,7 @@ def test_main_writes_table_json_and_plot_with_ratios_last(tiny_export, tmp_path,
     assert tail[1].split()[:3] == ["served", "/", "ceiling"] and "n/a" in tail[1]
     assert tail[2].split()[:3] == ["handler", "/", "ceiling"] and "n/a" in tail[2]
     assert tail[4].split()[:3] == ["ours", "/", "effdet"] and tail[4].split()[3].endswith("x")
+    assert tail[6].split()[:3] == ["served", "/", "limit"] and "n/a" in tail[6]
     assert "1. model only" in "\n".join(out) and "3. post-processing" in "\n".join(out)
 
 
@@ -355,9 +449,11 @@ def test_main_writes_table_json_and_plot_with_ratios_last(tiny_export, tmp_path,
 @pytest.mark.soak
 def test_served_stage_on_a_real_torchserve(workload, tmp_path):
     entries = bench.bench_served(
-        workload, "tinybench", [(2, 5, 1)], [1, 2], 4, 1, 1, tmp_path / "s", bench.Progress(enabled=False)
-    )
-    (entry,) = entries
+        workload, "tinybench", [(2, 5, 1)], [1, 2], 4, 1, 1, tmp_path / "s", bench.Progress(enabled=False),
+        null_configs=[(2, 5, 1)],
+    )  # fmt: skip
+    entry, null = entries
+    assert null["kind"] == "null" and [p["failed"] for p in null["points"]] == [0, 0]
     assert entry["reported"] == {"batchSize": 2, "maxBatchDelay": 5, "workers": 1}
     assert [p["concurrency"] for p in entry["points"]] == [1, 2]
     for p in entry["points"]:
@@ -365,3 +461,21 @@ def test_served_stage_on_a_real_torchserve(workload, tmp_path):
         assert _finite_positive(p["throughput"]) and p["p50_ms"] <= p["p99_ms"]
     pid = bench._server_pid(SimpleNamespace(workdir=tmp_path / "s" / "ts"))
     assert pid is None or not bench._alive(pid)  # TorchServe was stopped
+
+
+def test_a_failed_stage_fails_the_run_but_keeps_the_other_figures(tiny_export, tmp_path, monkeypatch):
+    from scripts.bench import cli
+
+    def refuse(*args, **kwargs):
+        raise bench.BenchError("post-processing parity compared no rows (test)")
+
+    monkeypatch.setattr(cli, "bench_post", refuse)
+    with pytest.raises(SystemExit, match="bench FAILED: post: .*compared no rows"):
+        bench.main(
+            ["--export", str(tiny_export), "--stages", "model,post", "--batches", "1", "--repeats", "1",
+             "--warmup", "0", "--images", "1", "--image-side", "160", "--out", str(tmp_path), "--no-progress",
+             "--threads", "1"]
+        )  # fmt: skip
+    written = json.loads((tmp_path / "latest.json").read_text())
+    assert written["failures"] == {"post": "post-processing parity compared no rows (test)"}
+    assert "post" not in written and [r["batch"] for r in written["model"]] == [1]

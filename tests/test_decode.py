@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from handler.decode import RequestError, decode_image
+from handler.decode import RequestError, decode_image, decode_images
 
 
 def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -279,3 +279,63 @@ def test_cuda_pixel_cap_and_cmyk_fallback():
     assert e.value.status == 413
     cmyk = encode(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "JPEG")
     assert torch.equal(decode_image(cmyk, "cuda").cpu(), decode_image(cmyk))
+
+
+# -- a batch at once ---------------------------------------------------------------------------------
+
+
+def mixed_batch() -> list[bytes]:
+    """JPEGs of several sizes, a grey JPEG, a CMYK JPEG, an EXIF-rotated one, a PNG and three bad ones."""
+    y, x = np.mgrid[0:48, 0:80]
+    smooth = np.stack([x * 3, y * 5, (x + y) * 2], axis=-1).astype(np.uint8)
+    good = encode(Image.fromarray(smooth), "JPEG", quality=95)
+    return [
+        good,
+        b"not an image at all",
+        encode(Image.fromarray(rgb_pattern(30, 20, seed=3)), "JPEG", quality=90),
+        encode(Image.new("L", (17, 9), 120), "JPEG"),
+        encode(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "JPEG"),
+        exif_jpeg(64, 32, 6),
+        good[: len(good) // 2],
+        encode(Image.fromarray(rgb_pattern(5, 7, seed=4)), "PNG"),
+        jpeg_claiming(30000, 30000),
+        good,
+    ]
+
+
+def _same_item(got, want) -> None:
+    if isinstance(want, RequestError):
+        assert isinstance(got, RequestError) and (got.status, got.code) == (want.status, want.code)
+    else:
+        assert isinstance(got, torch.Tensor) and torch.equal(got.cpu(), want.cpu())
+
+
+def test_decode_images_equals_one_by_one_with_errors_in_place():
+    datas = mixed_batch()
+    got = decode_images(datas)
+    assert len(got) == len(datas)
+    statuses = []
+    for g, data in zip(got, datas, strict=True):
+        try:
+            want = decode_image(data)
+        except RequestError as e:
+            want = e
+        _same_item(g, want)
+        statuses.append(g.status if isinstance(g, RequestError) else 200)
+    assert statuses == [200, 415, 200, 200, 200, 200, 400, 200, 413, 200]
+    assert decode_images([]) == []
+
+
+@cuda
+def test_cuda_decode_images_equals_one_by_one():
+    """nvjpeg decodes the batch in one call; each item is what decode_image gives on CUDA."""
+    datas = mixed_batch()
+    got = decode_images(datas, "cuda")
+    for g, data in zip(got, datas, strict=True):
+        try:
+            want = decode_image(data, "cuda")
+        except RequestError as e:
+            want = e
+        _same_item(g, want)
+        if isinstance(g, torch.Tensor):
+            assert g.device.type == "cuda"

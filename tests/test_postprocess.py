@@ -20,7 +20,8 @@ from effdet.anchors import Anchors
 from omegaconf import OmegaConf
 from torchvision.ops import box_iou
 
-from handler.postprocess import AnchorConfig, detect, feature_sizes, generate_anchors
+from handler import postprocess
+from handler.postprocess import AnchorConfig, detect, feature_sizes, generate_anchors, grouped_nms
 
 BOX_ATOL = 1e-3  # px, fp32
 MAX_BATCH = 8
@@ -314,3 +315,84 @@ def test_min_score_keeps_every_row_above_it_exactly(recorded, floor):
         g, w = untie(g), untie(w)
         torch.testing.assert_close(g[:, 4:], w[:, 4:], atol=1e-6, rtol=0)
         assert (g[:, :4] - w[:, :4]).abs().max().item() <= BOX_ATOL
+
+
+# -- one NMS call over every (image, class) group ---------------------------------------------------
+
+
+def _dense_boxes(n: int, groups: int, seed: int, low: float = -50.0):
+    """Overlapping boxes (many IoUs near the threshold), some with negative coordinates."""
+    g = torch.Generator().manual_seed(seed)
+    xy = low + torch.rand(n, 2, generator=g) * 100
+    wh = 20 + torch.rand(n, 2, generator=g) * 60
+    return (
+        torch.cat([xy, xy + wh], 1),
+        torch.rand(n, generator=g),
+        torch.randint(0, groups, (n,), generator=g),
+    )
+
+
+@pytest.mark.parametrize("low", [-50.0, 0.0, 1000.5])
+def test_grouped_nms_equals_per_group_nms(low):
+    """Same kept set and order as torchvision's per-group loop; groups never suppress each other,
+    even with coordinates below zero or far from it."""
+    from torchvision.ops.boxes import _batched_nms_vanilla
+
+    boxes, scores, groups = _dense_boxes(3000, 8, seed=int(low) + 60, low=low)
+    want = _batched_nms_vanilla(boxes, scores, groups, 0.5)
+    got = grouped_nms(boxes, scores, groups, 0.5)
+    assert torch.equal(got, want)
+    assert 0 < got.numel() < boxes.shape[0] // 2  # NMS suppressed most of the dense boxes
+    # the same boxes in one group suppress far more: groups really are kept apart
+    assert grouped_nms(boxes, scores, torch.zeros_like(groups), 0.5).numel() < got.numel()
+
+
+def test_grouped_nms_empty_and_one_box():
+    assert grouped_nms(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.long), 0.5).numel() == 0
+    one = grouped_nms(torch.tensor([[1.0, 1.0, 2.0, 2.0]]), torch.tensor([0.3]), torch.tensor([7]), 0.5)
+    assert one.tolist() == [0]
+
+
+@pytest.fixture(scope="module")
+def batch32():
+    """Head outputs of 32 random images through a 20-class model (many candidates and classes)."""
+    cfg = small_config(20, (128, 128), max_detection_points=400)
+    model = build_model(cfg, seed=32)
+    x = torch.randn(32, 3, 128, 128, generator=torch.Generator().manual_seed(32))
+    with torch.no_grad():
+        cls_out, box_out = model(x)
+    return cfg, cls_out, box_out, img_info(32, cfg.image_size, seed=32)
+
+
+def test_batch_32_one_nms_call_equals_detbenchpredict(batch32, monkeypatch):
+    """32 x 400 = 12800 candidates, above torchvision's coordinate-trick limit: forced through the
+    single grouped call, every row is still effdet's."""
+    cfg, cls_out, box_out, info = batch32
+    monkeypatch.setitem(postprocess.GROUPED_NMS_MAX_BOXES, "cpu", 10**9)
+    calls = []
+    monkeypatch.setattr(postprocess, "batched_nms", lambda *a: calls.append(a))  # must not be reached
+    want = effdet_predict(cfg, cls_out, box_out, info)
+    got = ours(cfg, cls_out, box_out, info)
+    assert not calls
+    assert_same(got, want)
+    assert_nms_did_work(cfg, cls_out, want)
+
+
+def test_batch_32_at_a_served_threshold_equals_detbenchpredict(batch32, monkeypatch):
+    """With a score floor (as the handler runs) the rows above it are effdet's, from one NMS call."""
+    cfg, cls_out, box_out, info = batch32
+    monkeypatch.setattr(postprocess, "batched_nms", lambda *a: pytest.fail("per-group fallback used"))
+    want = effdet_predict(cfg, cls_out, box_out, info)
+    threshold = float(want[..., 4][want[..., 4] > 0].quantile(0.7))
+    got = ours(cfg, cls_out, box_out, info, min_score=threshold)
+    compared = 0
+    for i in range(32):
+        w = want[i][want[i, :, 4] >= threshold]
+        g = got[i][got[i, :, 4] > 0]
+        assert g.shape[0] == w.shape[0]
+        g, w = untie(g), untie(w)
+        torch.testing.assert_close(g[:, 4:], w[:, 4:], atol=1e-6, rtol=0)
+        if w.shape[0]:
+            assert (g[:, :4] - w[:, :4]).abs().max().item() <= BOX_ATOL
+        compared += w.shape[0]
+    assert compared > 32 * 10  # the comparison was not vacuous

@@ -1,0 +1,82 @@
+"""Benchmark: served throughput against the model-only ceiling and against effdet (``make bench``).
+
+    python -m scripts.bench --name effdet_demo            # full run (about 10 minutes on 2 CPU cores)
+    python -m scripts.bench --quick                       # tiny repeats, fewer settings: a smoke run
+    python -m scripts.bench --device cuda --precision fp16 --channels-last --model seed
+    python -m scripts.bench --stages post,fp16 --export runs/NAME/export    # any subset of the stages
+
+One run, one model, one set of JPEG images; every figure is the median of repeats:
+
+1. ``model``   the TorchScript network alone at batch 1/8/32: the ceiling;
+2. ``effdet``  effdet's own ``DetBenchPredict`` in eager mode with the same weights (network +
+               effdet's post-processing);
+3. ``post``    post-processing alone on the same head outputs: ours (``handler.postprocess.detect``)
+               against effdet's ``_post_process`` + ``_batch_detection``; the two outputs must agree
+               (same detections, classes and order; scores to 1e-6, boxes to 1e-3 px) down to the
+               first score two candidates share exactly (unstable sorts may order those either way),
+               or the run fails;
+4. ``handler`` the TorchServe handler in this process: JPEG bytes in, JSON text out;
+   ``fp16``    on CUDA, the fp16 handler path against fp32 on the same model: >= 99 % of the fp32
+               detections scoring >= 0.3 found again (same class, IoU >= 0.9); skipped on the CPU;
+5. ``served``  a real TorchServe over HTTP: throughput and p50/p90/p99 latency at several client
+               concurrencies for several batchSize/maxBatchDelay/workers settings, failed requests
+               counted, with the CPU used by the load generator (and, with psutil, by TorchServe's
+               frontend and workers) so that a saturated client shows;
+6. ``null``    the same load against a handler that answers a constant (its own tiny .mar, built
+               by the real archiver): what TorchServe's frontend and worker IPC pass at all.
+               Served is reported against min(ceiling, null handler).
+
+A parity check that compared no rows fails the run: a check is only as good as what it saw.
+The JSON is written first (``runs/bench/bench-<stamp>.json``), then the table and ``.png``; the
+ratios come last. Without ``--export`` the model is ``runs/NAME/export`` when it exists, else
+``--model`` trained here on synthetic scenes for ``--train-steps`` (trained heads score as a
+served model does; ``--weights random`` gives random heads instead), kept under ``runs/bench``.
+
+Modules, runners apart from results: ``timing`` (repeats, syncs, percentiles), ``workload``
+(model and images), ``parity`` (the comparisons, shared with tests/test_postprocess.py),
+``stages`` (in-process stages), ``load`` (the closed-loop client), ``served`` (TorchServe and
+the null handler), ``report`` (ratios, tables, plot: pure functions of the results), ``cli``."""
+
+from scripts.bench.cli import FULL, QUICK, STAGES, main, parse_args, run
+from scripts.bench.load import ProcessCPU, aggregate, run_load
+from scripts.bench.parity import (
+    BOX_ATOL,
+    EFFDET_IOU,
+    SCORE_ATOL,
+    BenchError,
+    compare_detections,
+    effdet_postprocess,
+    match_detections,
+    ours_postprocess,
+    tie_horizon,
+)
+from scripts.bench.report import plot, ratio_lines, ratios, report, table
+from scripts.bench.served import _alive, _server_pid, archive_null, bench_served
+from scripts.bench.stages import (
+    bench_effdet,
+    bench_fp16,
+    bench_handler,
+    bench_model,
+    bench_post,
+    check_answers,
+    make_handler,
+)
+from scripts.bench.timing import Progress, measure, measure_pair, percentile, summarize, sync
+from scripts.bench.workload import (
+    Workload,
+    make_images,
+    make_random_export,
+    prepare,
+    resolve_export,
+    train_export,
+)
+
+__all__ = [
+    "BOX_ATOL", "EFFDET_IOU", "FULL", "QUICK", "SCORE_ATOL", "STAGES", "BenchError", "ProcessCPU", "Progress",
+    "Workload", "_alive", "_server_pid", "aggregate", "run_load", "archive_null", "bench_effdet", "bench_fp16",
+    "bench_handler", "bench_model", "bench_post", "bench_served", "check_answers", "compare_detections",
+    "effdet_postprocess", "main", "make_handler", "make_images", "make_random_export", "match_detections",
+    "measure", "measure_pair", "ours_postprocess", "parse_args", "percentile", "plot", "prepare",
+    "ratio_lines", "ratios", "report", "resolve_export", "run", "summarize", "sync", "table", "tie_horizon",
+    "train_export",
+]  # fmt: skip

@@ -1,0 +1,319 @@
+"""The command line: arguments, the stages in order, the JSON written first, then table and plot."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from scripts.bench.parity import BenchError
+from scripts.bench.report import plot, ratio_lines, ratios, report
+from scripts.bench.served import bench_served
+from scripts.bench.stages import bench_effdet, bench_fp16, bench_handler, bench_model, bench_post
+from scripts.bench.timing import Progress
+from scripts.bench.workload import make_images, prepare, resolve_export
+from scripts.paths import ROOT
+
+STAGES = ("model", "effdet", "post", "handler", "fp16", "served", "null")
+
+
+FULL = {
+    "batches": (1, 8, 32),
+    "repeats": 5,
+    "warmup": 3,
+    "configs": ((1, 0, 1), (4, 10, 1), (8, 20, 1), (4, 10, 2), (1, 0, 2)),
+    "concurrency": (1, 4, 8),
+    "requests": 64,
+    "served_repeats": 3,
+    "train_steps": 300,
+}
+
+
+QUICK = {
+    "batches": (1, 8),
+    "repeats": 2,
+    "warmup": 3,  # TorchScript's profiling executor optimises on the 2nd-3rd call per shape
+    "configs": ((1, 0, 1), (4, 10, 1)),
+    "concurrency": (1, 4),
+    "requests": 16,
+    "served_repeats": 1,
+    "train_steps": 150,
+}
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.replace(" ", "").split(",") if x)
+
+
+def _configs(text: str) -> tuple[tuple[int, int, int], ...]:
+    out = []
+    for part in text.replace(" ", "").split(","):
+        if part:
+            b, d, n = (int(x) for x in part.split(":"))
+            out.append((b, d, n))
+    return tuple(out)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m scripts.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--name", default="effdet_demo", help="run name: the export in runs/NAME/export is used if present"
+    )
+    p.add_argument("--export", help="an export directory (model.pt + model.json) to bench instead")
+    p.add_argument(
+        "--model", default="small", help="preset trained (or randomly initialised) when no export exists"
+    )
+    p.add_argument(
+        "--weights",
+        choices=("trained", "random"),
+        default="trained",
+        help="without an export: train --model on synthetic scenes here (default), or random heads",
+    )
+    p.add_argument(
+        "--train-steps",
+        type=int,
+        help="training steps for --weights trained (default 300, quick 150; the learning rate warms up over the first 50)",
+    )
+    p.add_argument(
+        "--train-batch-size", type=int, default=8, help="training batch size for --weights trained"
+    )
+    p.add_argument(
+        "--train-precision",
+        help="Lightning precision for --weights trained (default 16-mixed on CUDA, 32-true on the CPU)",
+    )
+    p.add_argument(
+        "--null-configs",
+        type=_configs,
+        help="settings batch:delay_ms:workers,... of the null-handler point (default: the served setting "
+        "with the largest batch x workers)",
+    )
+    p.add_argument("--num-classes", type=int, default=3, help="classes of the random-weight model")
+    p.add_argument(
+        "--image-size", type=int, help="input size of the random-weight model (default: the preset's)"
+    )
+    p.add_argument("--quick", action="store_true", help="tiny repeats and fewer settings: a smoke run")
+    p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    p.add_argument("--batches", type=_ints, help="batch sizes for stages 1-4 (default 1,8,32)")
+    p.add_argument("--repeats", type=int, help="timed repeats per figure (default 5)")
+    p.add_argument("--warmup", type=int, help="untimed calls before each figure (default 3)")
+    p.add_argument(
+        "--configs",
+        type=_configs,
+        help="served settings batch:delay_ms:workers,... (default 1:0:1,4:10:1,8:20:1,4:10:2,1:0:2)",
+    )
+    p.add_argument("--concurrency", type=_ints, help="client concurrencies (default 1,4,8)")
+    p.add_argument("--requests", type=int, help="requests per served repeat (default 64)")
+    p.add_argument("--served-repeats", type=int, help="repeats per served point (default 3)")
+    p.add_argument("--images", type=int, help="distinct JPEG images (default: the largest batch)")
+    p.add_argument("--image-side", type=int, default=640, help="longer side of the JPEG images in px")
+    p.add_argument("--threads", type=int, help="torch threads in-process; served workers get threads/workers")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32", help="fp16 needs --device cuda")
+    p.add_argument(
+        "--channels-last", action="store_true", help="channels_last for the ceiling and effdet eager"
+    )
+    p.add_argument(
+        "--decode", choices=("auto", "cpu"), default="auto", help="in-process handler: cpu turns nvjpeg off"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(ROOT / "runs" / "bench"), help="where the JSON and PNG go")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    preset = QUICK if a.quick else FULL
+    for key, value in preset.items():
+        if getattr(a, key) is None:
+            setattr(a, key, value)
+    a.stages = tuple(s for s in a.stages.replace(" ", "").split(",") if s)
+    unknown = set(a.stages) - set(STAGES)
+    if unknown:
+        p.error(f"unknown stages {sorted(unknown)}; choose from {', '.join(STAGES)}")
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible to torch here")
+    if a.precision == "fp16" and not a.device.startswith("cuda"):
+        p.error("--precision fp16 needs --device cuda (the CPU path is fp32)")
+    if a.train_precision is None:
+        a.train_precision = "16-mixed" if a.device.startswith("cuda") else "32-true"
+    if a.null_configs is None:
+        a.null_configs = (max(a.configs, key=lambda c: (c[0] * c[2], c[2])),)
+    if a.threads is None:
+        a.threads = os.cpu_count() or 1
+    if a.images is None:
+        a.images = max(8, max(a.batches))
+    if min(a.batches) < 1 or a.repeats < 1 or a.warmup < 0:
+        p.error("batches and repeats must be >= 1, warmup >= 0")
+    return a
+
+
+def _git_rev() -> str | None:
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        )
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True)
+        return (
+            rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if rev.returncode == 0 else None
+        )
+    except OSError:
+        return None
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> dict:
+    a = parse_args(argv)
+    previous_handler, previous_threads = None, torch.get_num_threads()
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM unwinds through the finally that stops TorchServe, as Ctrl-C does
+        previous_handler = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        torch.set_num_threads(a.threads)
+        return run(a, argv)
+    finally:
+        torch.set_num_threads(previous_threads)
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+
+
+def run(a: argparse.Namespace, argv: list[str] | None = None) -> dict:
+    """The whole benchmark for parsed arguments; returns what it writes to the JSON."""
+    device = torch.device(a.device)
+    out_dir = Path(a.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    progress = Progress(enabled=not a.no_progress)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    meta = {
+        "stamp": stamp,
+        "argv": list(sys.argv[1:] if argv is None else argv),
+        "quick": a.quick,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "threads": a.threads,
+        "precision": a.precision,
+        "channels_last": a.channels_last,
+        "decode": a.decode,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "git": _git_rev(),
+        "loadavg_start": _loadavg(),
+        "repeats": a.repeats,
+        "warmup": a.warmup,
+        "served_repeats": a.served_repeats,
+        "requests_per_repeat": a.requests,
+        "images": a.images,
+        "image_side": a.image_side,
+    }
+    export_dir, origin = resolve_export(a, progress)
+    progress.note(f"model {export_dir} ({origin}); preparing {a.images} images")
+    images = make_images(a.images, a.image_side, a.seed)
+    w = prepare(export_dir, images, a.batches, device, a.precision, a.channels_last)
+    cfg = w.cfg
+    meta["export_dir"] = str(export_dir)
+    meta["model"] = {
+        "name": w.card.get("name"),
+        "origin": origin,
+        "backbone": cfg["backbone_name"],
+        "image_size": list(cfg["image_size"]),
+        "num_classes": cfg["num_classes"],
+        "max_detection_points": cfg["max_detection_points"],
+        "max_det_per_image": cfg["max_det_per_image"],
+    }
+    results: dict = {"meta": meta}
+    failures: dict[str, str] = {}
+
+    def stage(name: str, fn) -> None:
+        """Run one stage; a refused result (BenchError) is recorded and the later stages still run,
+        so that one failed check does not lose a whole GPU session's figures. The run fails at the end."""
+        try:
+            fn()
+        except BenchError as e:
+            failures[name] = str(e)
+            progress.note(f"stage {name} FAILED: {e}")
+
+    def served_and_null() -> None:
+        entries = bench_served(
+            w,
+            a.name,
+            a.configs if "served" in a.stages else (),
+            a.concurrency,
+            a.requests,
+            a.served_repeats,
+            a.threads,
+            out_dir / "serve",
+            progress,
+            null_configs=a.null_configs if "null" in a.stages else (),
+        )
+        if "served" in a.stages:
+            results["served"] = [e for e in entries if e["kind"] == "model"]
+        if "null" in a.stages:
+            results["null_handler"] = [e for e in entries if e["kind"] == "null"]
+
+    def effdet() -> None:
+        results["effdet"], meta["effdet_parity_max_abs_diff"] = bench_effdet(
+            w, a.batches, a.repeats, a.warmup, progress
+        )
+
+    runners = {
+        "model": lambda: results.__setitem__(
+            "model", bench_model(w, a.batches, a.repeats, a.warmup, progress)
+        ),
+        "effdet": effdet,
+        "post": lambda: results.__setitem__("post", bench_post(w, a.batches, a.repeats, a.warmup, progress)),
+        "handler": lambda: results.__setitem__(
+            "handler", bench_handler(w, a.batches, a.repeats, a.warmup, progress, a.threads, a.decode)
+        ),
+        "fp16": lambda: results.__setitem__("fp16", bench_fp16(w, progress)),
+    }
+    for name in ("model", "effdet", "post", "handler", "fp16"):
+        if name in a.stages:
+            stage(name, runners[name])
+    if "served" in a.stages or "null" in a.stages:
+        stage("served", served_and_null)
+    if failures:
+        results["failures"] = failures
+    meta["loadavg_end"] = _loadavg()
+    results["ratios"] = ratios(results)
+    json_path = out_dir / f"bench-{stamp}.json"
+    json_path.write_text(json.dumps(results, indent=2) + "\n")
+    png_path = plot(results, out_dir / f"bench-{stamp}.png")
+    for src in (json_path, png_path):  # stable names for the latest run
+        shutil.copyfile(src, out_dir / f"latest{src.suffix}")
+    print(report(results))
+    print(f"\nwrote {json_path} and {png_path}\n")
+    print(ratio_lines(results["ratios"]))
+    if failures:
+        raise SystemExit("bench FAILED: " + "; ".join(f"{k}: {v}" for k, v in failures.items()))
+    return results

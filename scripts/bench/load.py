@@ -1,0 +1,136 @@
+"""Load generation: a closed loop of client threads, with the CPU the client and the server used."""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from scripts.bench.timing import percentile
+
+
+class ProcessCPU:
+    """CPU seconds of a process and its children (TorchServe's frontend, its workers); needs psutil."""
+
+    def __init__(self, pid: int | None):
+        try:
+            import psutil
+
+            self.root = psutil.Process(pid) if pid else None
+        except Exception:  # psutil missing or the process gone
+            self.root = None
+
+    def sample(self) -> dict[str, float] | None:
+        if self.root is None:
+            return None
+        try:
+            t = self.root.cpu_times()
+            frontend = t.user + t.system
+            workers = 0.0
+            for child in self.root.children(recursive=True):
+                try:
+                    c = child.cpu_times()
+                    workers += c.user + c.system
+                except Exception:
+                    pass
+            return {"frontend": frontend, "workers": workers}
+        except Exception:
+            return None
+
+
+def run_load(
+    make_sender: Callable[[], Callable[[bytes], object]],
+    payloads: Sequence[bytes],
+    concurrency: int,
+    total: int,
+    server_cpu: ProcessCPU | None = None,
+) -> dict:
+    """Closed loop: ``concurrency`` threads send ``total`` requests back to back between them.
+
+    ``make_sender()`` is called once per thread and returns ``send(body) -> status``; status 200 is
+    a success, anything else (another status, an exception's name) a failure. The client's own CPU
+    time (all its threads, ``time.process_time``) is reported against the wall time.
+    """
+    counts = [total // concurrency + (i < total % concurrency) for i in range(concurrency)]
+    barrier = threading.Barrier(concurrency + 1)
+    latencies: list[list[float]] = [[] for _ in range(concurrency)]
+    statuses: list[dict] = [{} for _ in range(concurrency)]
+
+    def worker(i: int) -> None:
+        try:
+            send = make_sender()
+        finally:
+            barrier.wait()
+        for k in range(counts[i]):
+            body = payloads[(i + k * concurrency) % len(payloads)]
+            t = time.perf_counter()
+            try:
+                status = send(body)
+            except Exception as e:  # connection refused, timeout: a failed request
+                status = type(e).__name__
+            dt = time.perf_counter() - t
+            statuses[i][status] = statuses[i].get(status, 0) + 1
+            if status == 200:
+                latencies[i].append(1000.0 * dt)
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(concurrency)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    srv0 = server_cpu.sample() if server_cpu else None
+    cpu0, ru0, t0 = time.process_time(), resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    cpu, ru1 = time.process_time() - cpu0, resource.getrusage(resource.RUSAGE_SELF)
+    srv1 = server_cpu.sample() if server_cpu else None
+    merged: dict = {}
+    for s in statuses:
+        for k, v in s.items():
+            merged[str(k)] = merged.get(str(k), 0) + v
+    lat = [x for part in latencies for x in part]
+    out = {
+        "concurrency": concurrency,
+        "requests": total,
+        "ok": len(lat),
+        "failed": total - len(lat),
+        "statuses": merged,
+        "wall_s": wall,
+        "throughput": len(lat) / wall if wall > 0 else 0.0,
+        "latencies_ms": lat,
+        "client_cpu_s": cpu,
+        "client_cpu_pct_of_core": 100.0 * cpu / wall if wall > 0 else 0.0,
+        "client_rusage_cpu_s": (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime),
+    }
+    if srv0 and srv1:
+        out["frontend_cpu_pct_of_core"] = 100.0 * (srv1["frontend"] - srv0["frontend"]) / wall
+        out["workers_cpu_pct_of_core"] = 100.0 * (srv1["workers"] - srv0["workers"]) / wall
+    return out
+
+
+def aggregate(reps: list[dict]) -> dict:
+    """Repeats of one load point -> median throughput and CPU, percentiles over all latencies."""
+    lat = [x for r in reps for x in r["latencies_ms"]]
+    out = {
+        "concurrency": reps[0]["concurrency"],
+        "repeats": len(reps),
+        "requests": sum(r["requests"] for r in reps),
+        "failed": sum(r["failed"] for r in reps),
+        "statuses": {},
+        "throughput": statistics.median(r["throughput"] for r in reps),
+        "throughputs": [r["throughput"] for r in reps],
+        "p50_ms": percentile(lat, 50),
+        "p90_ms": percentile(lat, 90),
+        "p99_ms": percentile(lat, 99),
+        "mean_ms": statistics.fmean(lat) if lat else float("nan"),
+        "client_cpu_pct_of_core": statistics.median(r["client_cpu_pct_of_core"] for r in reps),
+    }
+    for r in reps:
+        for k, v in r["statuses"].items():
+            out["statuses"][k] = out["statuses"].get(k, 0) + v
+    for key in ("frontend_cpu_pct_of_core", "workers_cpu_pct_of_core"):
+        if all(key in r for r in reps):
+            out[key] = statistics.median(r[key] for r in reps)
+    return out

@@ -1,0 +1,198 @@
+"""Served over HTTP: one TorchServe, one .mar per setting, and the null-handler limit of the frontend."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from scripts.bench.load import ProcessCPU, aggregate, run_load
+from scripts.bench.parity import BenchError
+from scripts.bench.timing import Progress
+from scripts.bench.workload import Workload
+
+
+def model_name(name: str, cfg: tuple[int, int, int]) -> str:
+    b, d, n = cfg
+    return f"{name}_b{b}_d{d}_w{n}"
+
+
+def torchserve_sender(server, model: str, timeout: float = 120) -> Callable[[], Callable[[bytes], object]]:
+    from scripts.client import Client
+
+    def make():
+        client = Client(server.inference_url, server.management_url, server.key_file, timeout=timeout)
+
+        def send(body: bytes):
+            r = client.predict(model, body)
+            if r.status_code == 200 and "detections" not in r.json():
+                return "bad_body"
+            return r.status_code
+
+        return send
+
+    return make
+
+
+def _wait_gone(client, model: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if client._manage("GET", f"/models/{model}").status_code == 404:
+            return
+        time.sleep(0.3)
+
+
+def _server_pid(server) -> int | None:
+    pid_file = server.workdir / "tmp" / ".model_server.pid"
+    try:
+        return int(pid_file.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def bench_served(
+    w: Workload,
+    name: str,
+    configs: Sequence[tuple[int, int, int]],
+    concurrencies: Sequence[int],
+    requests: int,
+    repeats: int,
+    threads: int,
+    workdir: Path,
+    progress: Progress,
+    null_configs: Sequence[tuple[int, int, int]] = (),
+) -> list[dict]:
+    """Archive one .mar per setting, start one TorchServe, register them one at a time and load each.
+
+    ``null_configs``: the same load against the null handler (``null_handler.py``, a constant
+    answer, no model) with those settings, after the model's: the frontend + worker IPC limit.
+    Entries say which they are in ``kind`` ("model" or "null").
+    """
+    from scripts.archive import ModelConfig, archive
+    from scripts.client import Client
+    from scripts.serve import Server
+
+    workdir = Path(workdir)
+    store = workdir / "model_store"
+    if store.exists():
+        shutil.rmtree(store)
+    store.mkdir(parents=True)
+    cuda = w.device.type == "cuda"
+    progress.stage("5/5 served: archiving", len(configs) + len(null_configs))
+    mars = {}
+    jobs = [("model", cfg) for cfg in configs] + [("null", cfg) for cfg in null_configs]
+    for cfg in null_configs:
+        mars[("null", cfg)] = archive_null(model_name(NULL_NAME, cfg), store, cfg, cuda)
+        progress.tick(model_name(NULL_NAME, cfg))
+    for cfg in configs:
+        b, d, n = cfg
+        mc = ModelConfig(
+            batch_size=b,
+            max_batch_delay=d,
+            min_workers=n,
+            max_workers=n,
+            device_type="gpu" if cuda else "cpu",
+            precision=w.precision,
+            torch_threads=None if cuda else max(1, threads // n),
+        )
+        mars[("model", cfg)] = archive(w.export_dir, model_name(name, cfg), "1.0", store, mc)
+        progress.tick(model_name(name, cfg))
+    progress.end()
+
+    server = Server(workdir / "ts", store, free_ports=True)
+    results = []
+    try:
+        progress.note("starting TorchServe")
+        server.start()
+        mgmt = Client(server.inference_url, server.management_url, server.key_file)
+        cpu = ProcessCPU(_server_pid(server))
+        per_point = 1 + repeats
+        progress.stage("5/5 served", len(jobs) * len(concurrencies) * per_point)
+        for kind, cfg in jobs:
+            b, d, n = cfg
+            mar = mars[(kind, cfg)]
+            model = model_name(name if kind == "model" else NULL_NAME, cfg)
+            entry = {
+                "kind": kind,
+                "batch_size": b,
+                "max_batch_delay": d,
+                "workers": n,
+                "model": model,
+                "points": [],
+            }
+            r = mgmt.register(mar.name, initial_workers=n)
+            if not r.ok:
+                raise BenchError(f"TorchServe refused {mar.name}: {r.status_code} {r.text[:300]}")
+            desc = mgmt.describe(model)[0]
+            if len(desc.get("workers", [])) < n:
+                mgmt.scale(model, n)
+                desc = mgmt.describe(model)[0]
+            entry["reported"] = {
+                "batchSize": desc.get("batchSize"),
+                "maxBatchDelay": desc.get("maxBatchDelay"),
+                "workers": len(desc.get("workers", [])),
+            }
+            sender = torchserve_sender(server, model)
+            try:
+                for c in concurrencies:
+                    # warm-up: TorchScript optimises per input shape, batches of every size must pass
+                    run_load(sender, w.images, c, max(2 * c, 3 * b * n))
+                    progress.tick(f"{model} c={c} warm-up")
+                    reps = []
+                    for _ in range(repeats):
+                        reps.append(run_load(sender, w.images, c, max(requests, c), cpu))
+                        progress.tick(f"{model} c={c}")
+                    entry["points"].append(aggregate(reps))
+            finally:
+                mgmt.unregister(model)
+                _wait_gone(mgmt, model)
+            results.append(entry)
+        progress.end()
+    finally:
+        progress.note("stopping TorchServe")
+        server.stop()
+        left = _server_pid(server)
+        if left and _alive(left):
+            progress.note(f"warning: TorchServe (pid {left}) still running; stop it with `kill {left}`")
+    return results
+
+
+NULL_NAME = "null"
+NULL_HANDLER = Path(__file__).with_name("null_handler.py")
+
+
+def archive_null(name: str, store: Path, cfg: tuple[int, int, int], cuda: bool) -> Path:
+    """The null handler in its own tiny .mar, built by the real torch-model-archiver (no model file)."""
+    import subprocess
+    import tempfile
+
+    import yaml
+
+    from scripts.paths import executable
+
+    b, d, n = cfg
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "model-config.yaml"
+        config.write_text(
+            yaml.safe_dump(
+                {"batchSize": b, "maxBatchDelay": d, "minWorkers": n, "maxWorkers": n,
+                 "responseTimeout": 120, "deviceType": "gpu" if cuda else "cpu"}
+            )
+        )  # fmt: skip
+        env = {**os.environ, "TMPDIR": tmp}
+        subprocess.run(
+            [executable("torch-model-archiver"), "--model-name", name, "--version", "1.0",
+             "--handler", str(NULL_HANDLER), "--config-file", str(config), "--export-path", str(store), "--force"],
+            check=True, env=env, capture_output=True,
+        )  # fmt: skip
+    return store / f"{name}.mar"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# The GPU half of the benchmark, as one prepared run on a machine lent for minutes (an H100).
+#
+#   source .gpukit/install-kit.sh && bash scripts/gpu_check.sh seed     # call 1 (<= 7 min): tests, train, in-process
+#   source .gpukit/install-kit.sh && bash scripts/gpu_check.sh served   # call 2 (<= 7 min): served + null handler
+#   source .gpukit/install-kit.sh && bash scripts/gpu_check.sh d0       # call 3, only if device time is left
+#
+# (device tool: `run` with carry [".gpukit"], timeout_s 590; see docs/benchmarks.md "GPU".)
+# "served" reuses the seed model trained by "seed" when the machine is still warm (it is kept in
+# $WORK), and trains it again inside its own time limit otherwise.
+# Every step runs under `timeout` and leaves its log and JSON under $OUT (default ./gpu-out) even
+# when it fails or times out, so that one call always brings back what it measured. Big files
+# (checkpoints, exports, .mar) stay in $WORK on the device. A step that fails does not stop the
+# ones after it; the script's status is the number of failed steps.
+set -u
+PHASE=${1:-seed}
+OUT=${OUT:-$PWD/gpu-out}
+WORK=${WORK:-/tmp/effdet-gpu}
+PY=${PY:-python3}
+mkdir -p "$OUT" "$WORK"
+export PYTHONUNBUFFERED=1
+failed=0
+T0=$(date +%s)
+
+step() {  # step NAME SECONDS CMD...: run under timeout, log to $OUT/NAME.log, record status and time
+  local name=$1 limit=$2
+  shift 2
+  local t=$(date +%s)
+  echo "== $name (limit ${limit}s, at +$((t - T0))s)" | tee -a "$OUT/steps.txt"
+  timeout -k 10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "   $name: rc=$rc in $(( $(date +%s) - t ))s" | tee -a "$OUT/steps.txt"
+  tail -n 25 "$OUT/$name.log"
+  [ $rc -eq 0 ] || failed=$((failed + 1))
+  return 0
+}
+
+keep() {  # copy the bench's JSON/PNG (not the models) to $OUT under a name saying device, model, precision
+  local from=$1 name=$2
+  [ -f "$from/latest.json" ] && cp "$from/latest.json" "$OUT/$name.json"
+  [ -f "$from/latest.png" ] && cp "$from/latest.png" "$OUT/$name.png"
+  find "$from" -maxdepth 2 -name model.json -path "*trained*" -exec cp {} "$OUT/$name.train-model.json" \; 2>/dev/null
+  return 0
+}
+
+step env 45 bash -c "nvidia-smi; $PY -c 'import torch, torchvision, ts, effdet; print(torch.__version__, torchvision.__version__, torch.cuda.get_device_name(0))'; which torchserve torch-model-archiver java"
+
+BENCH=("$PY" -m scripts.bench --device cuda --no-progress --threads 8 --images 64)
+case "$PHASE" in
+seed)
+  # the CUDA tests of the nvjpeg path (single and batched decode)
+  step cuda-tests 60 "$PY" -m pytest -q -p no:cacheprovider --basetemp=/tmp/pt-gpu tests/test_decode.py -k cuda
+  # train the seed preset on the GPU for 250 steps (mixed precision), export it, then the in-process stages on the
+  # trained model: ceiling fp16 + channels_last, effdet, post-processing as served, handler, fp16 vs fp32.
+  # The training speed is in seed.train-model.json (provenance: steps, train_seconds).
+  step seed-inproc 330 "${BENCH[@]}" --model seed --train-steps 250 --train-batch-size 8 \
+    --train-precision 16-mixed --precision fp16 --channels-last --stages model,effdet,post,handler,fp16 \
+    --batches 1,8,32 --repeats 5 --out "$WORK/seed"
+  keep "$WORK/seed" h100-seed-fp16-inproc
+  ;;
+served)
+  # served over HTTP (batchSize 32, one and two GPU workers) and the null handler at the same settings
+  step seed-served 420 "${BENCH[@]}" --model seed --train-steps 250 --train-batch-size 8 \
+    --train-precision 16-mixed --precision fp16 --channels-last --stages model,served,null --batches 32 \
+    --repeats 3 --configs 32:10:1,32:10:2 --null-configs 32:10:2 --concurrency 64 --requests 512 \
+    --served-repeats 1 --out "$WORK/seed"
+  keep "$WORK/seed" h100-seed-fp16-served
+  ;;
+d0)
+  step d0-all 480 "${BENCH[@]}" --model efficientdet_d0 --image-size 512 --train-steps 200 \
+    --train-batch-size 16 --train-precision 16-mixed --precision fp16 --channels-last \
+    --stages model,effdet,post,handler,fp16,served,null --batches 1,8,32 --repeats 5 \
+    --configs 32:10:1,32:10:2 --null-configs 32:10:2 --concurrency 64 --requests 512 --served-repeats 1 \
+    --out "$WORK/d0"
+  keep "$WORK/d0" h100-d0-fp16-all
+  ;;
+*)
+  echo "unknown phase $PHASE (seed, served or d0)" >&2
+  exit 2
+  ;;
+esac
+echo "total $(( $(date +%s) - T0 ))s, failed steps: $failed" | tee -a "$OUT/steps.txt"
+exit "$failed"
