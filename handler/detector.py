@@ -18,6 +18,7 @@ from PIL import Image
 
 from handler.decode import DEFAULT_MAX_PIXELS, decode_image, pil_to_tensor
 from handler.geometry import Geometry, letterbox
+from handler.network import load_network
 from handler.postprocess import AnchorConfig, detect, generate_anchors
 from handler.request import Params
 
@@ -77,9 +78,7 @@ class Detector:
         )
         self.max_pixels = max_pixels
         self.anchors = generate_anchors(AnchorConfig.from_effdet_config(cfg)).to(self.device)
-        self.model = torch.jit.load(str(model_path), map_location=self.device).eval()
-        if self.dtype == torch.float16:
-            self.model = self.model.half()
+        self.model = load_network(model_path, self.device, self.dtype)  # model.pt or model.pt2
 
     # -- the four steps, each usable on its own -------------------------------------------------
     def decode(self, data: bytes) -> torch.Tensor:
