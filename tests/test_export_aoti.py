@@ -93,7 +93,7 @@ def test_package_matches_eager_and_torchscript_at_any_batch(aoti_dir, exported, 
     pt2 = load_network(aoti_dir / PACKAGE)
     script = load_network(exported / "model.pt")
     size = tuple(load_card(aoti_dir)["effdet_config"]["image_size"])
-    for batch in (1, 2, 5):
+    for batch in (1, 4):
         x = torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(batch))
         with torch.no_grad():
             ref, got, ts = eager(x), pt2(x), script(x)
@@ -151,7 +151,7 @@ def test_package_refuses_inputs_it_was_not_compiled_for(aoti_dir):
         torch.zeros(1, 3, h + 64, w),  # another image size
         torch.zeros(1, 3, h, w, dtype=torch.float16),  # another dtype
         torch.zeros(3, h, w),  # no batch dimension
-        torch.zeros(net.max_batch + 1, 3, h, w),  # beyond the dynamic batch range
+        torch.zeros(1, 3, h, w).expand(net.max_batch + 1, 3, h, w),  # beyond the dynamic batch range
     ):
         with pytest.raises(ValueError, match="takes|compiled for batches"):
             net(bad)
