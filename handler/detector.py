@@ -18,6 +18,7 @@ from PIL import Image
 
 from handler.decode import DEFAULT_MAX_PIXELS, RequestError, decode_image, decode_images, pil_to_tensor
 from handler.geometry import Geometry, letterbox_batch
+from handler.network import load_network
 from handler.postprocess import AnchorConfig, detect, generate_anchors
 from handler.request import Params
 
@@ -101,11 +102,10 @@ class Detector:
         )
         self.max_pixels = max_pixels
         self.anchors = generate_anchors(AnchorConfig.from_effdet_config(cfg)).to(self.device)
-        # The network file: the one place that knows its format.
-        self.model = torch.jit.load(str(model_path), map_location=self.device).eval()
-        if self.dtype == torch.float16:
-            self.model = self.model.half()
-        if self.channels_last:
+        self.model = load_network(model_path, self.device, self.dtype)  # model.pt or model.pt2
+        if not isinstance(self.model, torch.jit.ScriptModule):
+            self.channels_last = False  # an AOTInductor package was compiled for contiguous inputs
+        elif self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
 
     # -- the four steps, each usable on its own -------------------------------------------------

@@ -2,16 +2,20 @@
 
     python -m scripts.archive runs/effdet_demo/export --name effdet_demo --version 1.0
 
-The archive holds the TorchScript file, ``model.json``, ``index_to_name.json``, the ``handler``
+The archive holds the network the export wrote (``model.pt``, TorchScript, or ``model.pt2``,
+AOTInductor: model.json's ``export.file`` says which, and the manifest's ``serializedFile`` tells
+the handler), ``model.json``, ``index_to_name.json``, the ``handler``
 package and a ``model-config.yaml``; serving it needs torch, torchvision, PIL and TorchServe only.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -61,6 +65,31 @@ class ModelConfig:
         }
 
 
+def network_file(export_dir: Path, config: ModelConfig) -> Path:
+    """The network the export wrote (model.json's ``export.file``): model.pt or model.pt2.
+
+    A ``.pt2`` is compiled for one device and precision: an archive that would make its workers
+    load it elsewhere is refused here rather than in every worker.
+    """
+    card_path = export_dir / "model.json"
+    info = json.loads(card_path.read_text()).get("export", {}) if card_path.is_file() else {}
+    path = export_dir / info.get("file", "model.pt")
+    if info.get("format") == "aoti":
+        want = "cuda" if config.device_type == "gpu" else "cpu"
+        if info.get("device") != want:
+            raise ValueError(
+                f"{path} was compiled for {info.get('device')} but the archive's workers run on {want}; "
+                f"export again with --device {want} or archive with --device-type "
+                f"{'gpu' if info.get('device') == 'cuda' else 'cpu'}"
+            )
+        if want == "cuda" and info.get("precision") != config.precision:
+            raise ValueError(
+                f"{path} was compiled for {info.get('precision')} but the archive asks for {config.precision}; "
+                f"archive with --precision {info.get('precision')}"
+            )
+    return path
+
+
 def archive(
     export_dir: str | Path,
     name: str,
@@ -72,7 +101,8 @@ def archive(
     export_dir, model_store = Path(export_dir), Path(model_store)
     model_store.mkdir(parents=True, exist_ok=True)
     config = config or ModelConfig()
-    for needed in ("model.pt", "model.json", "index_to_name.json"):
+    network = network_file(export_dir, config)
+    for needed in (network.name, "model.json", "index_to_name.json"):
         if not (export_dir / needed).is_file():
             raise FileNotFoundError(f"{export_dir / needed} missing: run `python -m export` first")
     with tempfile.TemporaryDirectory() as tmp:
@@ -90,7 +120,7 @@ def archive(
             "--version",
             version,
             "--serialized-file",
-            str(export_dir / "model.pt"),
+            str(network),
             "--handler",
             str(HANDLER_DIR / ENTRY),
             "--extra-files",
@@ -113,7 +143,9 @@ def archive(
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m scripts.archive", description=__doc__)
-    p.add_argument("export_dir", help="directory written by `python -m export` (model.pt, model.json, ...)")
+    p.add_argument(
+        "export_dir", help="directory written by `python -m export` (model.pt or model.pt2, model.json, ...)"
+    )
     p.add_argument("--name", default="effdet_demo")
     p.add_argument("--version", default="1.0")
     p.add_argument("--model-store", default=str(ROOT / "model_store"))
@@ -150,7 +182,11 @@ def main(argv: list[str] | None = None) -> None:
         max_pixels=a.max_pixels,
         device_ids=a.device_ids,
     )
-    mar = archive(a.export_dir, a.name, a.version, a.model_store, cfg)
+    try:
+        mar = archive(a.export_dir, a.name, a.version, a.model_store, cfg)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"archive failed: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(f"wrote {mar} ({mar.stat().st_size / 1e6:.1f} MB)")
 
 

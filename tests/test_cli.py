@@ -96,3 +96,12 @@ def test_serve_stop_cli(tmp_path):
             requests.get(f"{srv.inference_url}/ping", timeout=5)
     finally:
         srv.stop()
+
+
+def test_archive_cli_names_what_is_missing(tmp_path):
+    r = run("-m", "scripts.archive", str(tmp_path / "no_export"), "--model-store", str(tmp_path / "store"))
+    assert r.returncode == 2, r.stderr
+    assert (
+        r.stderr.strip()
+        == f"archive failed: {tmp_path / 'no_export' / 'model.pt'} missing: run `python -m export` first"
+    )

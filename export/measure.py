@@ -1,0 +1,113 @@
+"""Side-by-side figures for exported networks: file size, load time, model-only throughput.
+
+    python -m export.measure runs/NAME/export/model.pt runs/NAME/export_aoti/model.pt2
+
+Model-only means the network alone (``handler.network.load_network``), no decode, geometry or
+post-processing: the ceiling a served endpoint cannot pass. The formats are timed in alternating
+rounds so that a busy machine slows both alike; each figure is the median of the rounds. Load time
+is measured in a fresh interpreter per try (torch and torchvision already imported, as in a
+TorchServe worker), median of ``--loads``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from handler.detector import load_card
+from handler.network import load_network
+
+LOAD = """
+import sys, time, json, torch, torchvision.ops
+from handler.network import load_network
+t = time.perf_counter()
+load_network(sys.argv[1], "cpu")
+print(json.dumps(time.perf_counter() - t))
+"""
+
+
+def load_seconds(path: Path, tries: int) -> float:
+    """Median seconds for ``load_network`` in a fresh interpreter."""
+    root = Path(__file__).resolve().parent.parent
+    times = []
+    for _ in range(tries):
+        proc = subprocess.run(
+            [sys.executable, "-c", LOAD, str(path)], capture_output=True, text=True, cwd=root, check=True
+        )
+        times.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return statistics.median(times)
+
+
+def throughput(
+    paths: list[Path], batches: list[int], rounds: int, seconds: float
+) -> dict[str, dict[int, float]]:
+    """Images per second per file and batch size, the files alternating within each round."""
+    nets = {p: load_network(p, "cpu") for p in paths}
+    size = tuple(load_card(paths[0].parent)["effdet_config"]["image_size"])
+    out: dict[str, dict[int, list[float]]] = {str(p): {b: [] for b in batches} for p in paths}
+    with torch.inference_mode():
+        for b in batches:
+            x = torch.randn(b, 3, *size)
+            for net in nets.values():
+                for _ in range(2):
+                    net(x)  # warm-up (TorchScript's profiling runs)
+            for _ in range(rounds):
+                for p, net in nets.items():
+                    n, start = 0, time.perf_counter()
+                    while (elapsed := time.perf_counter() - start) < seconds:
+                        net(x)
+                        n += b
+                    out[str(p)][b].append(n / elapsed)
+    return {p: {b: statistics.median(v) for b, v in per.items()} for p, per in out.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m export.measure", description=__doc__)
+    p.add_argument(
+        "files", nargs="+", type=Path, help="model.pt / model.pt2 files (their model.json beside them)"
+    )
+    p.add_argument("--batches", default="1,4,8")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--seconds", type=float, default=2.0, help="timed seconds per file, batch and round")
+    p.add_argument("--loads", type=int, default=3)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    batches = [int(b) for b in a.batches.split(",")]
+    speed = throughput(a.files, batches, a.rounds, a.seconds)
+    rows = []
+    for f in a.files:
+        card = load_card(f.parent)
+        e = card.get("export", {})
+        rows.append(
+            {
+                "file": str(f),
+                "format": e.get("format", "script"),
+                "mb": round(f.stat().st_size / 1e6, 1),
+                "compile_s": e.get("compile_seconds"),
+                "load_s": round(load_seconds(f, a.loads), 3),
+                "img_per_s": {b: round(v, 1) for b, v in speed[str(f)].items()},
+            }
+        )
+    print(
+        f"torch {torch.__version__}, {a.threads} threads, batches {batches}, {a.rounds} rounds x {a.seconds} s"
+    )
+    print("| format | file | MB | compile s | load s | " + " | ".join(f"img/s b{b}" for b in batches) + " |")
+    print("| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in batches) + " |")
+    for r in rows:
+        speeds = " | ".join(f"{r['img_per_s'][b]:.1f}" for b in batches)
+        print(
+            f"| {r['format']} | {Path(r['file']).name} | {r['mb']} | {r['compile_s'] or '-'} | {r['load_s']} | {speeds} |"
+        )
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,352 @@
+"""The second export format: torch.export + AOTInductor (``model.pt2``) beside TorchScript (``model.pt``).
+
+AOTInductor compiles C++ (2-4 min for the small preset on 2 busy cores), so the module compiles
+the conftest's trained run once, through the real CLI, and every test shares that package. The
+one other compile is a two-convolution network (~30 s) whose package must fail its parity gate.
+
+Served answers of the two archives are compared up to near-ties: both networks agree to ~5e-6
+(well inside the 1e-4 gate), but the barely trained model gives ~100 detections whose scores
+tie to 4-5 digits, so a last-bit difference can swap neighbours or the last place.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import warnings
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from export.__main__ import main as export_main
+from export.aoti import PACKAGE, check_aoti_parity, to_aoti
+from export.core import ExportError, build_eager, load_weights
+from handler.detector import Detector, load_card
+from handler.network import AotiNetwork, load_network, torchscript_on_purpose
+from scripts.archive import ModelConfig, archive
+from scripts.client import Client
+from scripts.serve import Server
+from train.config import write_json
+
+ROOT = Path(__file__).resolve().parent.parent
+BLOCKED = ("effdet", "timm", "pytorch_lightning", "lightning", "omegaconf", "train", "export")
+TOLERANCE = 1e-4  # the fp32 parity gate, both formats
+
+
+@pytest.fixture(scope="module")
+def aoti_cli(trained_run, tmp_path_factory) -> tuple[Path, str]:
+    """``python -m export CKPT --format aoti`` on the tiny trained run: (export dir, CLI stdout)."""
+    out = tmp_path_factory.mktemp("aoti") / "export_aoti"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "export",
+            str(trained_run / "best.ckpt"),
+            "--format",
+            "aoti",
+            "--device",
+            "cpu",
+        ]
+        + ["--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc.stdout
+
+
+@pytest.fixture(scope="module")
+def aoti_dir(aoti_cli) -> Path:
+    return aoti_cli[0]
+
+
+@pytest.fixture(scope="module")
+def eager(trained_run):
+    card = load_card(trained_run)
+    return build_eager(card, load_weights(trained_run / "best.ckpt", card))
+
+
+# -- export ------------------------------------------------------------------------------------------
+def test_cli_writes_a_checked_package_and_nothing_else(aoti_cli):
+    out, stdout = aoti_cli
+    assert sorted(p.name for p in out.iterdir()) == ["index_to_name.json", "model.json", PACKAGE]
+    card = json.loads((out / "model.json").read_text())
+    e = card["export"]
+    assert (e["format"], e["device"], e["precision"], e["file"]) == ("aoti", "cpu", "fp32", PACKAGE)
+    assert e["torch"] == torch.__version__ and e["compile_seconds"] > 0
+    assert e["parity"]["tolerance"] == TOLERANCE and e["parity"]["max_abs_diff"] <= TOLERANCE
+    assert e["parity"]["outputs_checked"] == 2 * 2 * 5  # batches 1 and 3 x (class + box) x 5 levels
+    assert e["bytes"] == (out / PACKAGE).stat().st_size
+    assert "torch.export + AOTInductor (cpu, fp32)" in stdout and "parity vs eager effdet" in stdout
+    assert f"for torch {torch.__version__}" in stdout
+
+
+def test_package_matches_eager_and_torchscript_at_any_batch(aoti_dir, exported, eager):
+    """Independent of the export's own check: fresh inputs, batch sizes the export never ran."""
+    pt2 = load_network(aoti_dir / PACKAGE)
+    script = load_network(exported / "model.pt")
+    size = tuple(load_card(aoti_dir)["effdet_config"]["image_size"])
+    for batch in (1, 4):
+        x = torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            ref, got, ts = eager(x), pt2(x), script(x)
+        assert len(got[0]) == len(got[1]) == 5
+        for r, g, t in zip([*ref[0], *ref[1]], [*got[0], *got[1]], [*ts[0], *ts[1]], strict=True):
+            assert g.shape == r.shape and g.shape[0] == batch
+            assert (r - g).abs().max() <= TOLERANCE and (t - g).abs().max() <= TOLERANCE
+
+
+LOAD_WITHOUT_EFFDET = textwrap.dedent(
+    """
+    import importlib.abc, json, sys
+    BLOCKED = {blocked!r}
+    class Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                raise ImportError(f"blocked: {{name}}")
+    sys.meta_path.insert(0, Block())
+    import torch
+    for name in BLOCKED:
+        try:
+            __import__(name)
+            raise SystemExit(f"{{name}} importable")
+        except ImportError:
+            pass
+    from handler.detector import Detector
+    det = Detector(sys.argv[1])
+    cls, box = det.forward(torch.zeros(2, 3, *det.geometry.size))
+    print(json.dumps({{"levels": len(cls), "cls": list(cls[0].shape), "box": list(box[0].shape)}}))
+    """
+)
+
+
+def test_package_loads_and_runs_without_the_training_stack(aoti_dir):
+    proc = subprocess.run(
+        [sys.executable, "-c", LOAD_WITHOUT_EFFDET.format(blocked=BLOCKED), str(aoti_dir / PACKAGE)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    card = load_card(aoti_dir)
+    side = card["effdet_config"]["image_size"][0] // 8
+    assert got["levels"] == 5 and got["cls"] == [2, 9 * len(card["classes"]), side, side]
+    assert got["box"] == [2, 36, side, side]
+
+
+def test_package_refuses_inputs_it_was_not_compiled_for(aoti_dir):
+    """Compiled code would read a wrong-sized or wrong-typed buffer as raw memory: refused first."""
+    net = AotiNetwork(aoti_dir / PACKAGE, torch.device("cpu"), torch.float32)
+    h, w = net.image_size
+    for bad in (
+        torch.zeros(1, 3, h + 64, w),  # another image size
+        torch.zeros(1, 3, h, w, dtype=torch.float16),  # another dtype
+        torch.zeros(3, h, w),  # no batch dimension
+        torch.zeros(1, 3, h, w).expand(net.max_batch + 1, 3, h, w),  # beyond the dynamic batch range
+    ):
+        with pytest.raises(ValueError, match="takes|compiled for batches"):
+            net(bad)
+    with pytest.raises(ValueError, match=r"compiled for torch.float32 but torch.float16 was asked for"):
+        load_network(aoti_dir / PACKAGE, "cpu", torch.float16)
+    with pytest.raises(ValueError, match="unknown network format '.onnx'"):
+        load_network(aoti_dir / "model.onnx")
+
+
+def test_parity_gate_refuses_a_package_that_differs(aoti_dir, trained_run):
+    card = load_card(trained_run)
+    other = build_eager(card, load_weights(trained_run / "best.ckpt", card))
+    with torch.no_grad():
+        other.class_net.predict.conv_pw.bias.add_(1e-3)  # a 1e-3 shift in every class logit
+    with pytest.raises(ExportError, match=r"differs from eager effdet by .* > 0\.0001 \(float32, cpu\)"):
+        check_aoti_parity(
+            other,
+            aoti_dir / PACKAGE,
+            tuple(card["effdet_config"]["image_size"]),
+            torch.device("cpu"),
+            torch.float32,
+        )
+
+
+class TwoConvs(torch.nn.Module):
+    """The smallest network of effdet's output shape (one level): cheap to compile."""
+
+    def __init__(self):
+        super().__init__()
+        self.cls = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.box = torch.nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        return [self.cls(x)], [self.box(x)]
+
+
+def test_failed_parity_leaves_no_package_behind(tmp_path):
+    torch.manual_seed(0)
+    model, reference = TwoConvs().eval(), TwoConvs().eval()  # different weights: parity must fail
+    out = tmp_path / "out"
+    with pytest.raises(ExportError, match="differs from eager effdet"):
+        to_aoti(model, reference, out, (16, 16), torch.device("cpu"), torch.float32, levels=1)
+    assert list(out.iterdir()) == []  # neither model.pt2 nor the staging directory
+
+
+lib = torch.library.Library("effdet_serve_test", "DEF")
+lib.define("opaque(Tensor x) -> Tensor")
+lib.impl(
+    "opaque", lambda x: x.clone(), "CPU"
+)  # a CPU kernel but no fake kernel: torch.export cannot trace it
+
+
+class WithOpaqueOp(TwoConvs):
+    def forward(self, x):
+        return [torch.ops.effdet_serve_test.opaque(self.cls(x))], [self.box(x)]
+
+
+def test_unsupported_op_is_named_and_nothing_is_written(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ExportError, match=r"unsupported op effdet_serve_test::opaque"):
+        to_aoti(
+            WithOpaqueOp().eval(), TwoConvs().eval(), out, (16, 16), torch.device("cpu"), torch.float32, 1
+        )
+    assert not out.exists() or list(out.iterdir()) == []
+
+
+def test_config_mismatch_is_named_before_compiling(trained_run, tmp_path, capsys):
+    card = load_card(trained_run)
+    card["effdet_config"]["num_classes"] += 2
+    (tmp_path / "card").mkdir()
+    write_json(tmp_path / "card" / "model.json", card)
+    argv = [str(trained_run / "best.ckpt"), "--format", "aoti", "--device", "cpu"]
+    with pytest.raises(SystemExit) as stop:
+        export_main([*argv, "--card", str(tmp_path / "card"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert (
+        stop.value.code == 2 and "trained with num_classes=" in err and "model.json says num_classes=" in err
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_fp16_on_cpu(trained_run, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        export_main(
+            [str(trained_run / "best.ckpt"), "--format", "aoti", "--device", "cpu", "--precision", "fp16"]
+            + ["--out", str(tmp_path / "out")]
+        )
+    assert stop.value.code == 2 and "fp16 package needs --device cuda" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+# -- TorchScript's deprecation notice ---------------------------------------------------------------
+def test_torchscript_notice_is_kept_out_but_other_warnings_pass(exported):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Detector(exported / "model.pt")
+        with torchscript_on_purpose():
+            warnings.warn("`torch.jit.load` is deprecated, but as a UserWarning", UserWarning, stacklevel=1)
+            warnings.warn("something else is deprecated", FutureWarning, stacklevel=1)
+    messages = [(w.category, str(w.message)) for w in caught]
+    assert not any("torch.jit.load` is deprecated. Please" in m for _, m in messages), messages
+    assert (UserWarning, "`torch.jit.load` is deprecated, but as a UserWarning") in messages
+    assert (FutureWarning, "something else is deprecated") in messages
+    # outside the block torch still warns as before
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.jit.load(str(exported / "model.pt"))
+    assert any("`torch.jit.load` is deprecated" in str(w.message) for w in caught)
+
+
+# -- the archive and the served answers --------------------------------------------------------------
+def test_archive_refuses_a_package_for_another_device(aoti_dir, tmp_path):
+    with pytest.raises(ValueError, match="compiled for cpu but the archive's workers run on cuda"):
+        archive(aoti_dir, "x", "1.0", tmp_path, ModelConfig(device_type="gpu"))
+    assert not list(tmp_path.glob("*.mar"))
+
+
+SITECUSTOMIZE = """
+import os, sys
+with open(os.environ["EFFDET_BLOCK_MARKER"], "a") as f, open("/proc/self/cmdline", "rb") as c:
+    f.write(f"{{os.getpid()}} " + c.read().replace(b"\\0", b" ").decode(errors="replace") + "\\n")
+class _Block:
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname.partition(".")[0] in {blocked!r}:
+            raise ModuleNotFoundError(f"{{fullname}} is blocked in this worker")
+        return None
+sys.meta_path.insert(0, _Block())
+"""
+
+
+def near_tie_mismatches(a: list[dict], b: list[dict], score_tol: float = 3e-5, box_tol: float = 0.05) -> int:
+    """Detections of ``a`` without a distinct partner in ``b`` (same class, score and box within tolerance)."""
+    used: set[int] = set()
+    for d in a:
+        for j, e in enumerate(b):
+            if (
+                j not in used
+                and d["class_id"] == e["class_id"]
+                and abs(d["score"] - e["score"]) <= score_tol
+                and all(abs(p - q) <= box_tol for p, q in zip(d["box"], e["box"], strict=True))
+            ):
+                used.add(j)
+                break
+    return len(a) - len(used)
+
+
+def test_both_archives_serve_the_same_answers_without_the_training_stack(
+    exported, aoti_dir, val_images, tmp_path
+):
+    """One TorchServe, workers unable to import effdet/timm/Lightning/train/export, serving both formats."""
+    store = tmp_path / "store"
+    cfg = ModelConfig(batch_size=2, max_batch_delay=20, score_threshold=0.0)
+    archive(exported, "fmt_script", "1.0", store, cfg)
+    archive(aoti_dir, "fmt_aoti", "1.0", store, cfg)
+    with zipfile.ZipFile(store / "fmt_aoti.mar") as z:
+        assert PACKAGE in z.namelist() and "model.pt" not in z.namelist()
+        assert json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]["serializedFile"] == PACKAGE
+        assert z.read(PACKAGE) == (aoti_dir / PACKAGE).read_bytes()
+
+    block = tmp_path / "block"
+    block.mkdir()
+    (block / "sitecustomize.py").write_text(SITECUSTOMIZE.format(blocked=set(BLOCKED)))
+    marker = tmp_path / "marker.log"
+    env = {"PYTHONPATH": str(block), "EFFDET_BLOCK_MARKER": str(marker)}
+    srv = Server(tmp_path / "ts", store, free_ports=True, extra_env=env)
+    local = Detector(aoti_dir / PACKAGE)
+    try:
+        srv.start(["fmt_script=fmt_script.mar", "fmt_aoti=fmt_aoti.mar"])
+        client = Client(srv.inference_url, srv.management_url, srv.key_file)
+        compared = 0
+        for img in val_images[:6]:
+            a = client.predict("fmt_aoti", img, score_threshold=0.0)
+            s = client.predict("fmt_script", img, score_threshold=0.0)
+            assert a.status_code == s.status_code == 200, (a.text, s.text)
+            a, s = a.json(), s.json()
+            assert a["image"] == s["image"] and a["model"]["name"] == "fmt_aoti"
+            assert len(a["detections"]) == len(s["detections"]) > 0
+            assert near_tie_mismatches(a["detections"], s["detections"]) <= 2
+            scores_a = [d["score"] for d in a["detections"]]
+            scores_s = [d["score"] for d in s["detections"]]
+            assert all(abs(p - q) <= 3e-5 for p, q in zip(scores_a, scores_s, strict=True))
+            # and the served package answers as the same package does in this process
+            mine = local.predict([img], score_threshold=0.0)[0]
+            assert near_tie_mismatches(a["detections"], mine["detections"]) <= 2
+            compared += len(a["detections"])
+        assert compared >= 6
+        pids = {
+            w["pid"] for m in ("fmt_script", "fmt_aoti") for e in client.describe(m) for w in e["workers"]
+        }
+        log = (srv.workdir / "logs" / "model_log.log").read_text(errors="replace")
+        assert "is blocked in this worker" not in log  # nothing in the serving path wanted the training stack
+        assert "`torch.jit.load` is deprecated" not in log  # the notice stays out of the server log
+    finally:
+        srv.stop()
+    blocked_in = {
+        int(line.split()[0]) for line in marker.read_text().splitlines() if "model_service_worker" in line
+    }
+    assert pids and pids <= blocked_in, "the block was not active in the serving workers"
