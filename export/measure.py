@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from handler.detector import load_card
+from handler.card import ModelCard
 from handler.network import load_network
 
 LOAD = """
@@ -50,7 +50,7 @@ def throughput(
 ) -> dict[str, dict[int, float]]:
     """Images per second per file and batch size, the files alternating within each round."""
     nets = {p: load_network(p, "cpu") for p in paths}
-    size = tuple(load_card(paths[0].parent)["effdet_config"]["image_size"])
+    size = ModelCard.load(paths[0].parent).preprocessing.size
     out: dict[str, dict[int, list[float]]] = {str(p): {b: [] for b in batches} for p in paths}
     with torch.inference_mode():
         for b in batches:
@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     speed = throughput(a.files, batches, a.rounds, a.seconds)
     rows = []
     for f in a.files:
-        card = load_card(f.parent)
-        e = card.get("export", {})
+        card = ModelCard.load(f.parent)
+        e = card.export
         rows.append(
             {
                 "file": str(f),

@@ -9,34 +9,20 @@ demo, the benchmark and the served-vs-local tests use it directly.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from handler.card import ModelCard
 from handler.decode import DEFAULT_MAX_PIXELS, RequestError, decode_image, decode_images, pil_to_tensor
-from handler.geometry import Geometry, letterbox_batch
+from handler.geometry import letterbox_batch
 from handler.network import load_network
 from handler.postprocess import AnchorConfig, detect, generate_anchors
 from handler.request import Params
 
-MODEL_CARD = "model.json"
 SCORE_DECIMALS = 5  # scores in responses are rounded to this many decimals
-
-
-def load_card(model_dir: str | Path) -> dict:
-    """Read ``model.json`` (the training -> serving contract) from a directory."""
-    path = Path(model_dir) / MODEL_CARD
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: the model directory must hold the model.json from export")
-    return json.loads(path.read_text())
-
-
-def class_names(card: dict) -> dict[int, str]:
-    """1-based class id -> name, as effdet numbers classes."""
-    return {i + 1: name for i, name in enumerate(card["classes"])}
 
 
 def bucket_sizes(max_batch: int) -> tuple[int, ...]:
@@ -66,14 +52,14 @@ class Detector:
         score_threshold: float | None = None,
         iou_threshold: float | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
-        card: dict | None = None,
+        card: ModelCard | None = None,
         channels_last: bool | None = None,
         buckets: Sequence[int] = (),
     ):
         """``channels_last`` defaults to on for CUDA (where the convolutions want it), off on the CPU.
         ``buckets``: batch sizes to pad every batch up to (see ``bucket_sizes``); empty: no padding."""
         model_path = Path(model_path)
-        self.card = card if card is not None else load_card(model_path.parent)
+        self.card = card if card is not None else ModelCard.load(model_path.parent)
         self.device = torch.device(device)
         if precision not in ("fp32", "fp16"):
             raise ValueError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
@@ -84,24 +70,19 @@ class Detector:
         self.buckets = tuple(sorted({int(b) for b in buckets}))
         if self.buckets and self.buckets[0] < 1:
             raise ValueError(f"bucket sizes must be >= 1, got {list(buckets)}")
-        cfg = self.card["effdet_config"]
-        self.num_classes = int(cfg["num_classes"])
-        self.max_detection_points = int(cfg["max_detection_points"])
-        self.max_det_per_image = int(cfg["max_det_per_image"])
-        self.geometry = Geometry.from_dict(self.card["preprocessing"])
-        self.labels = class_names(self.card)
-        post = self.card.get("postprocessing", {})
+        card = self.card
+        self.num_classes = card.num_classes
+        self.max_detection_points = card.max_detection_points
+        self.max_det_per_image = card.max_det_per_image
+        self.geometry = card.preprocessing
+        self.labels = card.labels
         self.defaults = Params(
-            score_threshold=float(
-                score_threshold if score_threshold is not None else post.get("score_threshold", 0.05)
-            ),
-            iou_threshold=float(
-                iou_threshold if iou_threshold is not None else post.get("iou_threshold", 0.5)
-            ),
+            score_threshold=float(card.score_threshold if score_threshold is None else score_threshold),
+            iou_threshold=float(card.iou_threshold if iou_threshold is None else iou_threshold),
             max_detections=self.max_det_per_image,
         )
         self.max_pixels = max_pixels
-        self.anchors = generate_anchors(AnchorConfig.from_effdet_config(cfg)).to(self.device)
+        self.anchors = generate_anchors(AnchorConfig.from_effdet_config(card.effdet_config)).to(self.device)
         self.model = load_network(model_path, self.device, self.dtype)  # model.pt or model.pt2
         if not isinstance(self.model, torch.jit.ScriptModule):
             self.channels_last = False  # an AOTInductor package was compiled for contiguous inputs

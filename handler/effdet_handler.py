@@ -17,8 +17,9 @@ from http import HTTPStatus
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
-from handler.decode import FORMATS, RequestError
-from handler.detector import Detector, bucket_sizes, load_card
+from handler.card import ModelCard
+from handler.decode import DEFAULT_MAX_PIXELS, FORMATS, RequestError
+from handler.detector import Detector, bucket_sizes
 from handler.request import Params, parse_params, split_request
 
 logger = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ class EffDetHandler(BaseHandler):
         if threads:
             torch.set_num_threads(int(threads))
         serialized = context.manifest["model"].get("serializedFile", "model.pt")
-        card = load_card(model_dir)
+        card = ModelCard.load(model_dir)
         precision = yaml_cfg.get("precision", "fp32") if self.device.type == "cuda" else "fp32"
         # Every batch runs padded up to one of a few sizes, each warmed below: no batch size that
         # TorchServe forms makes TorchScript profile and fuse again while requests wait.
@@ -52,19 +53,19 @@ class EffDetHandler(BaseHandler):
             precision=precision,
             score_threshold=yaml_cfg.get("score_threshold"),
             iou_threshold=yaml_cfg.get("iou_threshold"),
-            max_pixels=int(yaml_cfg.get("max_pixels", 40_000_000)),
+            max_pixels=int(yaml_cfg.get("max_pixels", DEFAULT_MAX_PIXELS)),
             card=card,
             channels_last=yaml_cfg.get("channels_last"),
             buckets=[int(b) for b in buckets if int(b) <= batch_size] + [batch_size],
         )
         self.model_info = {
-            "name": context.manifest["model"].get("modelName", card.get("name")),
+            "name": context.manifest["model"].get("modelName", card.name),
             "version": context.manifest["model"].get("modelVersion", "1.0"),
         }
         self.detector.warm_up()
         self.context = context
         self.initialized = True
-        logger.info("effdet handler ready on %s (%s), classes=%s", self.device, precision, card["classes"])
+        logger.info("effdet handler ready on %s (%s), classes=%s", self.device, precision, list(card.classes))
 
     def preprocess(self, data: list[dict]) -> list:
         """Each row -> (uint8 image, Params), the public card for a describe row, or the
@@ -164,7 +165,7 @@ class EffDetHandler(BaseHandler):
         defaults = self.detector.defaults
         return {
             "model": self.model_info,
-            "classes": list(self.detector.card["classes"]),
+            "classes": list(self.detector.card.classes),
             "image_size": list(self.detector.geometry.size),
             "defaults": {
                 "score_threshold": defaults.score_threshold,

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import yaml
 
+from handler.decode import DEFAULT_MAX_PIXELS
 from scripts.paths import ROOT, executable
 
 HANDLER_DIR = ROOT / "handler"
@@ -42,7 +43,7 @@ class ModelConfig:
     iou_threshold: float | None = None
     precision: str = "fp32"
     torch_threads: int | None = None
-    max_pixels: int = 40_000_000
+    max_pixels: int = DEFAULT_MAX_PIXELS
     device_ids: list[int] | None = None  # GPUs this model's workers use (round-robin); all when None
 
     def to_yaml(self) -> dict:
@@ -160,7 +161,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--iou-threshold", type=float)
     p.add_argument("--torch-threads", type=int)
     p.add_argument(
-        "--max-pixels", type=int, default=40_000_000, help="refuse larger images (413) before decoding"
+        "--max-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help="refuse larger images (413) before decoding",
     )
     p.add_argument(
         "--device-ids",

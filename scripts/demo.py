@@ -14,7 +14,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from export.__main__ import export
+from export.core import export
 from handler.detector import Detector
 from scripts.archive import ModelConfig, archive
 from scripts.client import Client, draw

@@ -13,9 +13,8 @@ from train.config import build_config, model_card
 
 @pytest.fixture(scope="module")
 def card_dict() -> dict:
-    return json.loads(
-        json.dumps(model_card("run", build_config("small", 3), ["a", "b", "c"], metrics={"m": 1}))
-    )
+    card = model_card("run", build_config("small", 3), ["a", "b", "c"], metrics={"m": 1})
+    return json.loads(json.dumps(card.to_dict()))
 
 
 def test_round_trip_is_exact(card_dict, tmp_path):

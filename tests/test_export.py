@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from export.__main__ import export
-from export.core import ExportError, build_eager, load_weights
-from train.config import build_config, model_card, write_json
+from export.core import ExportError, build_eager, export, load_weights
+from train.config import build_config, model_card
 from train.module import EffDetModule
 
 # Runs in a fresh interpreter where effdet, timm and lightning cannot be imported.
@@ -52,7 +51,7 @@ def make_run(tmp: Path, num_classes: int, image_size: int, seed: int = 0) -> Pat
     torch.save(
         {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, run / "best.ckpt"
     )
-    write_json(run / "model.json", model_card(run.name, cfg, classes))
+    model_card(run.name, cfg, classes).save(run / "model.json")
     return run
 
 
@@ -74,7 +73,7 @@ def load_without_effdet(pt: Path, size: list[int]) -> dict:
 def test_export_saves_reloads_without_effdet_and_matches_eager(tmp_path, method, num_classes, image_size):
     run = make_run(tmp_path, num_classes, image_size)
     card = export(run / "best.ckpt", run / "export", method=method)
-    e = card["export"]
+    e = card.export
     assert e["method"] == method and e["parity"]["max_abs_diff"] <= 1e-4
     assert e["parity"]["outputs_checked"] == 2 * 2 * 5  # 2 batches x (class + box) x 5 levels
     pt = run / "export" / "model.pt"
@@ -95,7 +94,7 @@ def test_export_saves_reloads_without_effdet_and_matches_eager(tmp_path, method,
     assert shapes["box"] == [1, 36, image_size // 8, image_size // 8]
 
     written = json.loads((run / "export" / "model.json").read_text())
-    assert written["export"]["sha256"] == e["sha256"] and written["classes"] == card["classes"]
+    assert written["export"]["sha256"] == e["sha256"] and written["classes"] == list(card.classes)
     names = json.loads((run / "export" / "index_to_name.json").read_text())
     assert names == {str(i + 1): f"c{i}" for i in range(num_classes)}
 
@@ -103,7 +102,7 @@ def test_export_saves_reloads_without_effdet_and_matches_eager(tmp_path, method,
 def test_freeze_option_still_matches(tmp_path):
     run = make_run(tmp_path, 2, 256)
     card = export(run / "best.ckpt", run / "export", freeze=True)
-    assert card["export"]["frozen"] and card["export"]["parity"]["max_abs_diff"] <= 1e-4
+    assert card.export["frozen"] and card.export["parity"]["max_abs_diff"] <= 1e-4
 
 
 def test_export_of_a_real_training_run(exported):

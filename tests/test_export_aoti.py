@@ -17,6 +17,7 @@ import sys
 import textwrap
 import warnings
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -25,12 +26,12 @@ import torch
 from export.__main__ import main as export_main
 from export.aoti import PACKAGE, check_aoti_parity, to_aoti
 from export.core import ExportError, build_eager, load_weights
-from handler.detector import Detector, load_card
+from handler.card import ModelCard
+from handler.detector import Detector
 from handler.network import AotiNetwork, load_network, torchscript_on_purpose
 from scripts.archive import ModelConfig, archive
 from scripts.client import Client
 from scripts.serve import Server
-from train.config import write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 BLOCKED = ("effdet", "timm", "pytorch_lightning", "lightning", "omegaconf", "train", "export")
@@ -69,7 +70,7 @@ def aoti_dir(aoti_cli) -> Path:
 
 @pytest.fixture(scope="module")
 def eager(trained_run):
-    card = load_card(trained_run)
+    card = ModelCard.load(trained_run)
     return build_eager(card, load_weights(trained_run / "best.ckpt", card))
 
 
@@ -92,7 +93,7 @@ def test_package_matches_eager_and_torchscript_at_any_batch(aoti_dir, exported, 
     """Independent of the export's own check: fresh inputs, batch sizes the export never ran."""
     pt2 = load_network(aoti_dir / PACKAGE)
     script = load_network(exported / "model.pt")
-    size = tuple(load_card(aoti_dir)["effdet_config"]["image_size"])
+    size = ModelCard.load(aoti_dir).preprocessing.size
     for batch in (1, 4):
         x = torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(batch))
         with torch.no_grad():
@@ -137,9 +138,9 @@ def test_package_loads_and_runs_without_the_training_stack(aoti_dir):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
-    card = load_card(aoti_dir)
-    side = card["effdet_config"]["image_size"][0] // 8
-    assert got["levels"] == 5 and got["cls"] == [2, 9 * len(card["classes"]), side, side]
+    card = ModelCard.load(aoti_dir)
+    side = card.preprocessing.size[0] // 8
+    assert got["levels"] == 5 and got["cls"] == [2, 9 * card.num_classes, side, side]
     assert got["box"] == [2, 36, side, side]
 
 
@@ -162,7 +163,7 @@ def test_package_refuses_inputs_it_was_not_compiled_for(aoti_dir):
 
 
 def test_parity_gate_refuses_a_package_that_differs(aoti_dir, trained_run):
-    card = load_card(trained_run)
+    card = ModelCard.load(trained_run)
     other = build_eager(card, load_weights(trained_run / "best.ckpt", card))
     with torch.no_grad():
         other.class_net.predict.conv_pw.bias.add_(1e-3)  # a 1e-3 shift in every class logit
@@ -170,7 +171,7 @@ def test_parity_gate_refuses_a_package_that_differs(aoti_dir, trained_run):
         check_aoti_parity(
             other,
             aoti_dir / PACKAGE,
-            tuple(card["effdet_config"]["image_size"]),
+            card.preprocessing.size,
             torch.device("cpu"),
             torch.float32,
         )
@@ -219,10 +220,10 @@ def test_unsupported_op_is_named_and_nothing_is_written(tmp_path):
 
 
 def test_config_mismatch_is_named_before_compiling(trained_run, tmp_path, capsys):
-    card = load_card(trained_run)
-    card["effdet_config"]["num_classes"] += 2
-    (tmp_path / "card").mkdir()
-    write_json(tmp_path / "card" / "model.json", card)
+    card = ModelCard.load(trained_run)
+    wider = replace(card, classes=(*card.classes, "x", "y"), effdet_config={**card.effdet_config})
+    wider.effdet_config["num_classes"] += 2
+    wider.save(tmp_path / "card" / "model.json")
     argv = [str(trained_run / "best.ckpt"), "--format", "aoti", "--device", "cpu"]
     with pytest.raises(SystemExit) as stop:
         export_main([*argv, "--card", str(tmp_path / "card"), "--out", str(tmp_path / "out")])

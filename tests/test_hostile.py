@@ -219,7 +219,7 @@ def test_hostile_requests_amid_good_traffic(server, tokens, detector, val_images
             barrier = threading.Barrier(len(group))
             answers += list(pool.map(send, group))
 
-    classes = detector.card["classes"]
+    classes = list(detector.card.classes)
     card = None
     for case, r in zip(plan, answers, strict=True):
         assert r.status_code == case.status, (case.name, r.status_code, r.text[:300])
@@ -253,11 +253,11 @@ def test_describe_is_public_card(server, tokens, detector):
     meta = json.loads(meta) if isinstance(meta, str) else meta
     assert set(meta) == CARD_KEYS
     assert meta["model"] == {"name": MODEL, "version": "1.0"}
-    assert meta["classes"] == detector.card["classes"]
+    assert meta["classes"] == list(detector.card.classes)
     assert meta["limits"]["formats"] == list(FORMATS)
     assert meta["defaults"]["max_detections"] == detector.max_det_per_image
     text = json.dumps(meta)
-    for secret in (str(detector.card.get("provenance", {}).get("dataset", "/")), "torch", "map"):
+    for secret in (str(detector.card.provenance.get("dataset", "/")), "torch", "map"):
         assert secret not in text, secret
     r = requests.post(f"{server.inference_url}/predictions/{MODEL}", headers={**bearer(tokens["inference"]),
                       "describe": "True"}, timeout=60)  # fmt: skip

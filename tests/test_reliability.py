@@ -327,7 +327,7 @@ def test_bad_and_odd_inputs_amid_good_traffic(server, client, detector, val_imag
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda c: c.send(url, token), plan))
 
-    classes = detector.card["classes"]
+    classes = list(detector.card.classes)
     wrong = []
     for case, r in zip(plan, answers, strict=True):
         assert r.status_code == case.status, (case.name, r.status_code, r.text[:300])
@@ -550,7 +550,7 @@ def test_worker_killed_mid_load(server, client, detector, val_images):
     failure was in flight at the kill.
     """
     refs = [detector.predict([v], **ALL)[0] for v in val_images]
-    classes = detector.card["classes"]
+    classes = list(detector.card.classes)
     old = worker_pids(client)
     assert len(old) == 1
     stop = threading.Event()

@@ -255,7 +255,7 @@ def test_token_auth(server, images):
 # -- predictions -----------------------------------------------------------------------------------
 def test_predict_matches_in_process(client, images, local, detector):
     """One at a time: schema, original coordinates (EXIF applied) and identical detections."""
-    classes = detector.card["classes"]
+    classes = list(detector.card.classes)
     sizes = {}
     for name, data in images.items():
         r = client.predict(MODEL, data)

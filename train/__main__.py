@@ -18,9 +18,10 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
+from handler.card import ModelCard
 from handler.geometry import Geometry
 from train import synthetic
-from train.config import build_config, model_card, write_json
+from train.config import build_config, model_card
 from train.data import FORMATS, AnnotationError, Dataset, check_records, load_dataset, split_records
 from train.datamodule import DetectionDataModule
 from train.module import EffDetModule
@@ -154,7 +155,7 @@ def final_metrics(
     return metrics, path
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> ModelCard:
     a = parse_args(argv)
     pl.seed_everything(a.seed, workers=True)
     out = Path(a.out)
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
         metrics=metrics,
     )
     if trainer.is_global_zero:
-        write_json(out / "model.json", card)
+        card.save(out / "model.json")
         print(
             f"[train] {trainer.global_step} steps in {train_seconds / 60:.1f} min; best: {json.dumps(metrics)}"
         )

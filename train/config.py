@@ -17,6 +17,7 @@ import torch
 from effdet.version import __version__ as effdet_version
 from omegaconf import OmegaConf
 
+from handler.card import ModelCard
 from handler.geometry import Geometry
 from handler.postprocess import AnchorConfig, feature_sizes
 
@@ -166,33 +167,20 @@ def load_backbone_weights(model: effdet.EfficientDet, path: str | Path) -> None:
 
 
 def model_card(
-    name: str,
-    cfg: dict,
-    classes: list[str],
-    provenance: dict | None = None,
-    metrics: dict | None = None,
-    score_threshold: float = 0.05,
-    iou_threshold: float = 0.5,
-) -> dict:
-    """The model.json contract (DESIGN.md): effdet config, classes, preprocessing, provenance."""
-    return {
-        "schema": 1,
-        "name": name,
-        "effdet_config": cfg,
-        "classes": list(classes),
-        "preprocessing": Geometry(size=tuple(cfg["image_size"])).to_dict(),
-        "postprocessing": {"score_threshold": score_threshold, "iou_threshold": iou_threshold},
-        "provenance": {
+    name: str, cfg: dict, classes: list[str], provenance: dict | None = None, metrics: dict | None = None
+) -> ModelCard:
+    """The model.json of a run: effdet config, classes, the serving geometry, provenance, metrics."""
+    return ModelCard(
+        name=name,
+        effdet_config=cfg,
+        classes=tuple(classes),
+        preprocessing=Geometry(size=tuple(cfg["image_size"])),
+        provenance={
             "torch": torch.__version__,
             "effdet": effdet_version,
             "timm": timm.__version__,
             "python": platform.python_version(),
             **(provenance or {}),
         },
-        "metrics": metrics or {},
-    }
-
-
-def write_json(path: str | Path, data: dict) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(data, indent=2) + "\n")
+        metrics=metrics or {},
+    )

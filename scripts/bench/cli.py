@@ -243,7 +243,7 @@ def run(a: argparse.Namespace, argv: list[str] | None = None) -> dict:
     cfg = w.cfg
     meta["export_dir"] = str(export_dir)
     meta["model"] = {
-        "name": w.card.get("name"),
+        "name": w.card.name,
         "origin": origin,
         "backbone": cfg["backbone_name"],
         "image_size": list(cfg["image_size"]),

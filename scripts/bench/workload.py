@@ -19,8 +19,8 @@ def make_random_export(
     out: str | Path, model: str = "small", num_classes: int = 3, image_size: int | None = None, seed: int = 0
 ) -> Path:
     """A random-weight checkpoint of a preset, exported with the project's own ``export``; reused."""
-    from export.__main__ import export
-    from train.config import build_config, model_card, write_json
+    from export.core import export
+    from train.config import build_config, model_card
     from train.module import EffDetModule
 
     out = Path(out)
@@ -35,7 +35,7 @@ def make_random_export(
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "best.ckpt"
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, ckpt)
-    write_json(out / "model.json", model_card(out.name, cfg, classes, provenance={"weights": "random"}))
+    model_card(out.name, cfg, classes, provenance={"weights": "random"}).save(out / "model.json")
     export(ckpt, export_dir)
     return export_dir
 
@@ -75,7 +75,7 @@ def train_export(
     export it; reused when its export exists. Trained heads score like a served model does
     (few confident boxes, a long tail), which random heads do not: the post-processing, fp16 and
     served figures need them. The run's model.json keeps the training time (its speed)."""
-    from export.__main__ import export
+    from export.core import export
     from train.__main__ import main as train_main
 
     out = Path(out)
@@ -172,7 +172,7 @@ class Workload:
 
     @property
     def cfg(self) -> dict:
-        return self.card["effdet_config"]
+        return self.card.effdet_config
 
 
 def prepare(
