@@ -19,7 +19,7 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from handler.decode import RequestError
 from handler.detector import Detector, load_card
-from handler.request import parse_params, split_request
+from handler.request import REQUEST_ID_HEADER, parse_params, request_id, split_request
 
 logger = logging.getLogger(__name__)
 
@@ -86,9 +86,15 @@ class EffDetHandler(BaseHandler):
         # error stays in its own answer and the request's status is left alone.
         row_per_request = len(items) == len(self.context.request_processor or ())
         for idx, item in enumerate(items):
+            rid = None
             if row_per_request:
                 # without it TorchServe sends answers and errors with no Content-Type at all
                 self.context.set_response_content_type(idx, "application/json")
+                # Every answer names its request (header always, JSON of a 200 too): a caller can
+                # tell a stale or misrouted answer on a keep-alive connection from its own.
+                processor = self.context.request_processor[idx]
+                rid = request_id(processor.get_request_properties(), self.context.get_request_id(idx))
+                self.context.set_response_header(idx, REQUEST_ID_HEADER, rid)
             if isinstance(item, RequestError):
                 if row_per_request:
                     # The reason phrase is fixed ASCII text: TorchServe's worker protocol sends its
@@ -100,7 +106,7 @@ class EffDetHandler(BaseHandler):
                 continue
             img, params = item
             response = self.detector.to_response(detections[k], img.shape[-1], img.shape[-2], params)
-            answers.append({"model": self.model_info, **response})
+            answers.append({"model": self.model_info, **response} | ({"request_id": rid} if rid else {}))
             k += 1
         return answers
 
