@@ -19,7 +19,7 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from handler.decode import RequestError
 from handler.detector import Detector, load_card
-from handler.request import REQUEST_ID_HEADER, parse_params, request_id, split_request
+from handler.request import REQUEST_ID_ECHO_HEADER, parse_params, request_id, split_request
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class EffDetHandler(BaseHandler):
                 # tell a stale or misrouted answer on a keep-alive connection from its own.
                 processor = self.context.request_processor[idx]
                 rid = request_id(processor.get_request_properties(), self.context.get_request_id(idx))
-                self.context.set_response_header(idx, REQUEST_ID_HEADER, rid)
+                self.context.set_response_header(idx, REQUEST_ID_ECHO_HEADER, rid)
             if isinstance(item, RequestError):
                 if row_per_request:
                     # The reason phrase is fixed ASCII text: TorchServe's worker protocol sends its

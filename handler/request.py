@@ -115,7 +115,11 @@ def split_request(row: dict) -> tuple[bytes, dict]:
 
 
 # -- request ids ---------------------------------------------------------------------------------------
-REQUEST_ID_HEADER = "X-Request-Id"
+REQUEST_ID_HEADER = "X-Request-Id"  # what a caller (or a proxy) sends
+# What the handler answers it in, besides the JSON's "request_id": TorchServe's frontend overwrites
+# an answer's X-Request-Id with its own id for the connection's current request, which is the
+# wrong one exactly when a stale answer is delivered; this header travels with the answer itself.
+REQUEST_ID_ECHO_HEADER = "X-Client-Request-Id"
 # What a caller's id may hold to be echoed: UUIDs, hex, nginx/Envoy ids, dotted/colon-separated
 # trace ids. Anything else (CR/LF, quotes, non-ASCII, overlong) is replaced, never echoed, so no
 # request byte reaches a response header or the JSON unchecked.

@@ -47,7 +47,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_KEY_FILE = ROOT / "runs" / "serve" / "key_file.json"
 DEFAULT_MODEL_STORE = ROOT / "model_store"
-REQUEST_ID_HEADER = "X-Request-Id"  # the handler's echo: handler/request.py
+REQUEST_ID_HEADER = "X-Request-Id"  # sent with each attempt
+ECHO_HEADER = "X-Client-Request-Id"  # the handler's echo (TorchServe rewrites X-Request-Id)
 
 # -- what the management API is allowed to receive from us ------------------------------------------
 MAX_WORKERS = 64  # per model version; each worker holds a copy of the model (~0.5 GB on CPU)
@@ -175,7 +176,7 @@ def transient(status: int, text: str) -> str | None:
 
 def answer_id(r: requests.Response) -> str | None:
     """The request id an answer says it answers: the handler's header, or its JSON field."""
-    rid = r.headers.get(REQUEST_ID_HEADER)
+    rid = r.headers.get(ECHO_HEADER)
     if (
         rid is None
         and r.status_code == 200
@@ -491,12 +492,16 @@ class Client:
                 time.sleep(poll)
             delay = entry["maxBatchDelay"] / 1000
             t = time.monotonic()
-            probe = self._post_once(
-                f"/predictions/{model}/{version}", probe_image(), {}, uuid.uuid4().hex, timeout
-            )
-            took = time.monotonic() - t
-            if probe.status_code != 200:
-                log.warning("drain probe of %s %s answered %s", model, version, probe.status_code)
+            try:
+                probe = self._post_once(
+                    f"/predictions/{model}/{version}", probe_image(), {}, uuid.uuid4().hex, timeout
+                )
+                took = time.monotonic() - t
+                if probe.status_code != 200:
+                    log.warning("drain probe of %s %s answered %s", model, version, probe.status_code)
+            except requests.RequestException as e:  # no measure: wait the longest a batch may take
+                log.warning("drain probe of %s %s failed (%s)", model, version, type(e).__name__)
+                took = float("inf")
             compute = max(0.0, took - delay)
             grace = min(
                 float(entry.get("responseTimeout") or 120), delay + 2 * entry["batchSize"] * compute + 0.2

@@ -36,7 +36,7 @@ from ts.service import Service
 
 from handler.detector import Detector
 from handler.effdet_handler import EffDetHandler
-from handler.request import REQUEST_ID_HEADER, Params, valid_request_id
+from handler.request import REQUEST_ID_ECHO_HEADER, REQUEST_ID_HEADER, Params, valid_request_id
 
 MODEL_NAME, MODEL_VERSION = "tiny", "1.0"
 MANIFEST = {
@@ -175,7 +175,7 @@ class Worker:
             sent = next((v for k, v in requests[i].headers.items() if k.lower() == "x-request-id"), None)
             want_id = sent if sent is not None and valid_request_id(sent) else f"req-{i}"
             if "describe" not in requests[i].headers:
-                assert a["headers"].get(REQUEST_ID_HEADER) == want_id, (a["headers"], sent)
+                assert a["headers"].get(REQUEST_ID_ECHO_HEADER) == want_id, (a["headers"], sent)
                 if a["status"] == 200:
                     assert body["request_id"] == want_id
             out.append(Answer(a["status"], body, self.returned[i], a["phrase"], a["headers"]))
@@ -542,8 +542,8 @@ def test_errors_are_per_request(worker, detector, images, card):
 
 
 def test_request_id_echoed_or_replaced(worker, images):
-    """Each answer (200 and 4xx) carries its request's id in the X-Request-Id header, a 200 also in
-    its JSON; a hostile or absent id is replaced by TorchServe's own id for that request."""
+    """Each answer (200 and 4xx) carries its request's X-Request-Id in its X-Client-Request-Id
+    header, a 200 also in its JSON; a hostile or absent id is replaced by TorchServe's own id for that request."""
     good = images["val0"]
     ids = [
         "3fa85f64-5717-4562-b3fc-2c963f66afa6",
@@ -557,13 +557,13 @@ def test_request_id_echoed_or_replaced(worker, images):
     reqs.insert(2, Req(b"not an image", "image/jpeg", headers={"x-request-id": "err-7"}))
     reqs.append(Req(good, "image/jpeg", query=ALL))  # no id sent
     answers = worker.predict(reqs)  # checks header/JSON against what was sent, per request
-    got = [a.headers[REQUEST_ID_HEADER] for a in answers]
+    got = [a.headers[REQUEST_ID_ECHO_HEADER] for a in answers]
     assert got == [ids[0], "req-1", "err-7", "req-3", "req-4", "req-5", ids[5], "req-7"]
     assert answers[2].status == 415 and set(answers[2].body) == {"error"}  # the error schema is unchanged
     for a in answers:
-        assert valid_request_id(a.headers[REQUEST_ID_HEADER])
+        assert valid_request_id(a.headers[REQUEST_ID_ECHO_HEADER])
         if a.status == 200:
-            assert a.body["request_id"] == a.headers[REQUEST_ID_HEADER]
+            assert a.body["request_id"] == a.headers[REQUEST_ID_ECHO_HEADER]
 
 
 def test_valid_edge_parameters(worker, detector, images):
