@@ -364,10 +364,14 @@ class Client:
         workers: int,
         model_store: str | Path | None = None,
         drain_timeout: float = 120,
+        start_at_once: int | None = None,
     ) -> ScaleResult:
         """Give the default version of ``model`` ``workers`` workers without losing a request.
 
-        Up (or equal): TorchServe's scale call. Down: see ``scale_down``.
+        Up (or equal): TorchServe's scale call; with ``start_at_once`` in steps of that many new
+        workers (TorchServe starts new workers side by side, and on a small busy machine several
+        at once can run past the model's startupTimeout while the old ones keep serving).
+        Down: see ``scale_down``.
         """
         check_name(model)
         check_workers(workers)
@@ -380,11 +384,15 @@ class Client:
         before = max(current["minWorkers"], len(current["workers"]))
         version = current["modelVersion"]
         if workers >= before:
-            r = self.set_workers(model, workers, version)
-            if not r.ok:
-                raise ScaleError(
-                    f"scaling {model} {version} to {workers} failed: {r.status_code} {r.text.strip()}"
-                )
+            step = workers - before
+            if start_at_once is not None:
+                step = _int_in("start_at_once", start_at_once, 1, MAX_WORKERS)
+            for n in [*range(before + max(1, step), workers, max(1, step)), workers]:
+                r = self.set_workers(model, n, version)
+                if not r.ok:
+                    raise ScaleError(
+                        f"scaling {model} {version} to {n} workers failed: {r.status_code} {r.text.strip()}"
+                    )
             return ScaleResult(model, before, workers, version, version, "scale", time.monotonic() - t0)
         return self.scale_down(model, workers, current, model_store, drain_timeout, t0)
 
@@ -663,6 +671,7 @@ def main(argv: list[str] | None = None) -> int:
     sc.add_argument("--workers", type=int, required=True, help=f"1..{MAX_WORKERS}")
     sc.add_argument("--model-store", default=str(DEFAULT_MODEL_STORE), help="the server's model store")
     sc.add_argument("--drain-timeout", type=float, default=120, help="s to wait for the old version's queue")
+    sc.add_argument("--start-at-once", type=int, help="scaling up: start this many new workers at a time")
     ds = sub.add_parser("describe")
     ds.add_argument("model")
     ds.add_argument("--version")
@@ -696,7 +705,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"drew {len(body['detections'])} boxes on {a.draw}", file=sys.stderr)
             return 1 if failed else 0
         if a.cmd == "scale":
-            result = client.scale(a.model, a.workers, a.model_store, a.drain_timeout)
+            result = client.scale(a.model, a.workers, a.model_store, a.drain_timeout, a.start_at_once)
             print(json.dumps(result.as_dict(), indent=2))
             return 0
         if a.cmd == "register":
