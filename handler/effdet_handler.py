@@ -20,7 +20,7 @@ from ts.torch_handler.base_handler import BaseHandler
 from handler.card import ModelCard
 from handler.decode import DEFAULT_MAX_PIXELS, FORMATS, RequestError
 from handler.detector import Detector, bucket_sizes
-from handler.request import Params, parse_params, split_request
+from handler.request import REQUEST_ID_ECHO_HEADER, Params, parse_params, request_id, split_request
 
 logger = logging.getLogger(__name__)
 
@@ -115,9 +115,15 @@ class EffDetHandler(BaseHandler):
         # error stays in its own answer and the request's status is left alone.
         row_per_request = len(items) == len(self.context.request_processor or ())
         for idx, item in enumerate(items):
+            rid = None
             if row_per_request:
                 # without it TorchServe sends answers and errors with no Content-Type at all
                 self.context.set_response_content_type(idx, "application/json")
+                # Every answer names its request (header always, JSON of a 200 too): a caller can
+                # tell a stale or misrouted answer on a keep-alive connection from its own.
+                processor = self.context.request_processor[idx]
+                rid = request_id(processor.get_request_properties(), self.context.get_request_id(idx))
+                self.context.set_response_header(idx, REQUEST_ID_ECHO_HEADER, rid)
             if isinstance(item, RequestError):
                 if row_per_request:
                     # The reason phrase is fixed ASCII text: TorchServe's worker protocol sends its
@@ -130,7 +136,7 @@ class EffDetHandler(BaseHandler):
             if isinstance(item, dict):  # a describe row's card
                 answers.append(item)
                 continue
-            answers.append({"model": self.model_info, **responses[k]})
+            answers.append({"model": self.model_info, **responses[k]} | ({"request_id": rid} if rid else {}))
             k += 1
         return answers
 

@@ -11,6 +11,9 @@ import base64
 import binascii
 import json
 import math
+import re
+import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from handler.decode import RequestError
@@ -125,3 +128,32 @@ def split_request(row: dict, content_type: str | None = None) -> tuple[bytes, di
     if isinstance(body, bytes | bytearray):
         return bytes(body), params
     raise RequestError(400, "invalid_body", f"unsupported request body of type {type(body).__name__}")
+
+
+# -- request ids ---------------------------------------------------------------------------------------
+REQUEST_ID_HEADER = "X-Request-Id"  # what a caller (or a proxy) sends
+# What the handler answers it in, besides the JSON's "request_id": TorchServe's frontend overwrites
+# an answer's X-Request-Id with its own id for the connection's current request, which is the
+# wrong one exactly when a stale answer is delivered; this header travels with the answer itself.
+REQUEST_ID_ECHO_HEADER = "X-Client-Request-Id"
+# What a caller's id may hold to be echoed: UUIDs, hex, nginx/Envoy ids, dotted/colon-separated
+# trace ids. Anything else (CR/LF, quotes, non-ASCII, overlong) is replaced, never echoed, so no
+# request byte reaches a response header or the JSON unchecked.
+REQUEST_ID_CHARS = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def valid_request_id(value) -> bool:
+    return isinstance(value, str) and REQUEST_ID_CHARS.fullmatch(value) is not None
+
+
+def request_id(headers: Mapping[str, str] | None, fallback: str | None = None) -> str:
+    """The id an answer carries: the caller's ``X-Request-Id`` (any case) if it is safe, else
+    ``fallback`` (TorchServe's own id for the request, the one its logs show) if that is safe,
+    else a fresh UUID. Lets a caller (or a proxy) match every answer to its request."""
+    wanted = REQUEST_ID_HEADER.lower()
+    for key, value in (headers or {}).items():
+        if isinstance(key, str) and key.lower() == wanted:
+            if valid_request_id(value):
+                return value
+            break
+    return fallback if valid_request_id(fallback) else uuid.uuid4().hex

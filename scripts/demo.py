@@ -2,14 +2,13 @@
 
 generate data -> train the small preset -> export TorchScript -> archive .mar -> start TorchServe
 -> send the held-out images over HTTP -> served mAP beside in-process mAP -> draw one picture
--> scale workers 1 -> 2 -> 1 while requests flow -> stop the server (also when interrupted).
+-> scale workers 1 -> 2 -> 1 while requests flow (none lost) -> stop the server (also when interrupted).
 """
 
 from __future__ import annotations
 
 import argparse
 import signal
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,7 +16,8 @@ from pathlib import Path
 from export.core import export
 from handler.detector import Detector
 from scripts.archive import ModelConfig, archive
-from scripts.client import Client, draw
+from scripts.client import TWIN_FILE, Client, draw
+from scripts.load import Images, Traffic
 from scripts.serve import ROOT, Server
 from train import synthetic
 from train.__main__ import main as train_main
@@ -50,15 +50,6 @@ def as_detections(image_id: int, response: dict) -> dict:
         "scores": [d["score"] for d in dets],
         "labels": [d["class_id"] for d in dets],
     }
-
-
-def traffic(client: Client, model: str, images: list[bytes], stop: threading.Event, tally: dict) -> None:
-    """Keep requests flowing until told to stop; count answers by status."""
-    i = 0
-    while not stop.is_set():
-        r = client.predict(model, images[i % len(images)])
-        tally[r.status_code] = tally.get(r.status_code, 0) + 1
-        i += 1
 
 
 def _interrupt(signum, frame) -> None:
@@ -132,27 +123,27 @@ def main(argv: list[str] | None = None) -> None:
         draw(first.image, best, picture)
         print(f"{len(best['detections'])} boxes drawn on {picture}")
 
-        say("7/7 scaling workers 1 -> 2 -> 1 while requests flow")
-        stop, tally = threading.Event(), {}
-        flows = [
-            threading.Thread(target=traffic, args=(client, a.name, images, stop, tally)) for _ in range(2)
-        ]
-        for t in flows:
-            t.start()
-        try:
+        say("7/7 scaling workers 1 -> 2 -> 1 while requests flow (scale-down drains: nothing lost)")
+        load = Traffic(lambda: Client(server.inference_url, server.management_url, server.key_file), a.name,
+                       Images.cycle(images), threads=2)  # fmt: skip
+        with load:
             for n_workers in (2, 1):
-                r = client.scale(a.name, n_workers)
+                step = client.scale(a.name, n_workers, ROOT / "model_store")
                 workers = client.describe(a.name)[0]["workers"]
-                print(f"scaled to {n_workers}: HTTP {r.status_code}, workers now {len(workers)}")
-                time.sleep(2)
-        finally:
-            stop.set()
-            for t in flows:
-                t.join()
-        print(f"requests during scaling by status: {tally}")
+                print(
+                    f"scaled {step.workers_before} -> {n_workers} ({step.method}, {step.seconds:.1f} s): "
+                    f"version {step.version}, workers now {len(workers)}"
+                )
+                load.answered_after(time.monotonic(), timeout=60)
+        summary = load.summary()
+        print(f"requests during scaling: {summary}")
+        if summary["requests"] != summary["by_status"].get("200", 0) or summary["unanswered"]:
+            raise SystemExit("a request failed while scaling")
     finally:
         say("stopping TorchServe")
         server.stop()
+        # a scale-down left the model served as its twin version: the file is only needed while served
+        (ROOT / "model_store" / f"{a.name}{TWIN_FILE}.mar").unlink(missing_ok=True)
     print(f"\ndemo done in {(time.time() - started) / 60:.1f} min; artefacts in {run}")
 
 

@@ -36,7 +36,7 @@ from ts.service import Service
 
 from handler.detector import Detector
 from handler.effdet_handler import EffDetHandler
-from handler.request import Params
+from handler.request import REQUEST_ID_ECHO_HEADER, REQUEST_ID_HEADER, Params, valid_request_id
 
 MODEL_NAME, MODEL_VERSION = "tiny", "1.0"
 MANIFEST = {
@@ -131,6 +131,7 @@ class Answer:
     body: dict | str  # the wire body, parsed from JSON
     raw: object  # what handle() returned for this request
     phrase: str = ""  # the reason phrase on the wire
+    headers: dict = dataclasses.field(default_factory=dict)  # the response headers on the wire
 
 
 class Worker:
@@ -169,7 +170,15 @@ class Worker:
         for i, a in enumerate(answers):
             # the status on the wire is the one the handler set on the context for that request
             assert self.context.get_response_status(i)[0] == a["status"]
-            out.append(Answer(a["status"], json.loads(a["body"]), self.returned[i], a["phrase"]))
+            body = json.loads(a["body"])
+            # every answer names its request: the caller's X-Request-Id when safe, else TorchServe's id
+            sent = next((v for k, v in requests[i].headers.items() if k.lower() == "x-request-id"), None)
+            want_id = sent if sent is not None and valid_request_id(sent) else f"req-{i}"
+            if "describe" not in requests[i].headers:
+                assert a["headers"].get(REQUEST_ID_ECHO_HEADER) == want_id, (a["headers"], sent)
+                if a["status"] == 200:
+                    assert body["request_id"] == want_id
+            out.append(Answer(a["status"], body, self.returned[i], a["phrase"], a["headers"]))
         return out
 
 
@@ -231,7 +240,8 @@ def images(val_images) -> dict[str, bytes]:
 
 
 def check_response(body: dict, width: int, height: int, card: dict, score_threshold: float, max_det: int):
-    assert set(body) == {"model", "image", "detections"}
+    assert set(body) == {"model", "image", "detections", "request_id"}
+    assert valid_request_id(body["request_id"])
     assert body["model"] == {"name": MODEL_NAME, "version": MODEL_VERSION}
     assert body["image"] == {"width": width, "height": height}
     dets = body["detections"]
@@ -246,6 +256,11 @@ def check_response(body: dict, width: int, height: int, card: dict, score_thresh
         assert d["label"] == card["classes"][d["class_id"] - 1]
     scores = [d["score"] for d in dets]
     assert scores == sorted(scores, reverse=True)
+
+
+def without_id(body: dict) -> dict:
+    """An answer without its request id (compared on its own)."""
+    return {k: v for k, v in body.items() if k != "request_id"}
 
 
 def size_of(data: bytes) -> tuple[int, int]:
@@ -331,7 +346,7 @@ def test_request_shapes_answer_alike(worker, detector, images, card):
     for a, expected in zip(answers, want, strict=True):
         assert a.status == 200
         check_response(a.body, w, h, card, 0.0, detector.max_det_per_image)
-        assert a.body == {"model": {"name": MODEL_NAME, "version": MODEL_VERSION}, **expected}
+        assert without_id(a.body) == {"model": {"name": MODEL_NAME, "version": MODEL_VERSION}, **expected}
         assert a.raw == a.body  # the wire carries exactly what handle() returned
 
 
@@ -408,7 +423,7 @@ def test_iou_threshold_per_request(worker, detector, images, card):
     for ans, w, v in zip(a, want, ious, strict=True):
         assert ans.status == 200
         check_response(ans.body, *size_of(data), card, 0.0, detector.max_det_per_image)
-        assert ans.body == w, v
+        assert without_id(ans.body) == w, v
         [alone] = detector.predict([data], score_threshold=0.0, iou_threshold=v)
         assert same_detections(ans.body, {"model": ans.body["model"], **alone}), v
     # each answer obeys its own threshold, and the thresholds really change the answer
@@ -425,7 +440,7 @@ def test_mixed_size_batch_each_answered_alone(worker, detector, images, card):
     for name, ans, w in zip(names, a, want, strict=True):
         assert ans.status == 200
         check_response(ans.body, *size_of(images[name]), card, 0.0, detector.max_det_per_image)
-        assert ans.body == w, name
+        assert without_id(ans.body) == w, name
         [alone] = detector.predict([images[name]], score_threshold=0.0)
         assert same_detections(ans.body, {"model": ans.body["model"], **alone}), name
     # different images, different answers (no image is answered with another one's boxes)
@@ -451,7 +466,7 @@ def test_exif_rotated_jpeg(worker, detector, images, card, orientation, expect):
     assert (a.body["image"]["width"], a.body["image"]["height"]) == expect
     check_response(a.body, *expect, card, 0.0, detector.max_det_per_image)
     [alone] = detector.predict([data], score_threshold=0.0)  # the same batch of one: exactly equal
-    assert a.body == {"model": a.body["model"], **alone}
+    assert without_id(a.body) == {"model": a.body["model"], **alone}
 
 
 def png_claiming(width: int, height: int) -> bytes:
@@ -525,7 +540,9 @@ def test_errors_are_per_request(worker, detector, images, card):
         assert a.status == status, name
         if status == 200:
             check_response(a.body, *size_of(good), card, 0.0, 100)
-            assert a.body == {"model": a.body["model"], **next(want)}, "good request in a batch with errors"
+            assert without_id(a.body) == {"model": a.body["model"], **next(want)}, (
+                "good request in a batch with errors"
+            )
         else:
             assert set(a.body) == {"error"}, name
             assert set(a.body["error"]) == {"code", "message"}, name
@@ -536,6 +553,31 @@ def test_errors_are_per_request(worker, detector, images, card):
             assert a.phrase == HTTPStatus(status).phrase, name
             assert len(a.body["error"]["message"]) < 300, name  # bad values are echoed short
     assert sum(a.status == 200 for a in answers) == n_good >= 4
+
+
+def test_request_id_echoed_or_replaced(worker, images):
+    """Each answer (200 and 4xx) carries its request's X-Request-Id in its X-Client-Request-Id
+    header, a 200 also in its JSON; a hostile or absent id is replaced by TorchServe's own id for that request."""
+    good = images["val0"]
+    ids = [
+        "3fa85f64-5717-4562-b3fc-2c963f66afa6",
+        "a\rb",
+        '"}, "x": 1',
+        "\u00e9t\u00e9",
+        "z" * 129,
+        "ok.1:2_3",
+    ]
+    reqs = [Req(good, "image/jpeg", query=ALL, headers={REQUEST_ID_HEADER: rid}) for rid in ids]
+    reqs.insert(2, Req(b"not an image", "image/jpeg", headers={"x-request-id": "err-7"}))
+    reqs.append(Req(good, "image/jpeg", query=ALL))  # no id sent
+    answers = worker.predict(reqs)  # checks header/JSON against what was sent, per request
+    got = [a.headers[REQUEST_ID_ECHO_HEADER] for a in answers]
+    assert got == [ids[0], "req-1", "err-7", "req-3", "req-4", "req-5", ids[5], "req-7"]
+    assert answers[2].status == 415 and set(answers[2].body) == {"error"}  # the error schema is unchanged
+    for a in answers:
+        assert valid_request_id(a.headers[REQUEST_ID_ECHO_HEADER])
+        if a.status == 200:
+            assert a.body["request_id"] == a.headers[REQUEST_ID_ECHO_HEADER]
 
 
 def test_valid_edge_parameters(worker, detector, images):

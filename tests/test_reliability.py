@@ -12,7 +12,8 @@ that no token is printed. The tests, in order:
   reachable on this machine's other addresses, the key file private, tokens in no output or log;
 - an archive whose worker cannot start (a corrupt model.pt): what registration, describe, /ping
   and predictions say, and that the healthy model serves on;
-- a worker SIGKILLed under load: TorchServe restarts it, and at most one batch of requests fails.
+- a worker SIGKILLed under load: TorchServe restarts it, and the client's retries leave no request
+  failed.
 
 What is already covered by ``test_serving.py`` (schema, batching, tokens, versions, scaling,
 ``allowed_urls``) is not repeated. Measured figures are printed (``pytest -s``) and recorded in
@@ -49,7 +50,8 @@ from PIL import Image
 
 from handler.detector import Detector
 from scripts.archive import ModelConfig, archive
-from scripts.client import Client
+from scripts.client import NO_RETRY, Client
+from scripts.load import Images, Traffic
 from scripts.serve import ROOT, Server
 from tests.test_serving import _encode as encode
 from tests.test_serving import assert_schema, batches_seen, matched
@@ -60,7 +62,7 @@ MODEL = "tiny"
 BROKEN = "broken"
 BATCH = 4  # batchSize of the conftest's tiny.mar
 ALL = {"score_threshold": 0.0}  # every detection of the barely trained model: ~100 per image
-KILL_TIMEOUT = 120  # s; client timeout while a worker restarts (the queue waits for it)
+KILL_TIMEOUT = 120  # s; how long the test waits for the worker's restart
 MIB = 2**20
 
 # `python -m scripts.serve` exactly as a user runs it, except that its Server reads the config this
@@ -459,7 +461,7 @@ def test_tokens_private_expiring_and_never_printed(served, client, tmp_path, val
     for args, rc in (
         (["describe", MODEL], 0),
         (["predict", str(image), "--model", MODEL, "--score-threshold", "0.5"], 0),
-        (["scale", MODEL, "--min-worker", "1"], 0),
+        (["scale", MODEL, "--workers", "1", "--model-store", str(server.model_store)], 0),
         (["register", "../elsewhere.mar"], 1),
         (["predict", str(image), "--model", "no_such_model"], 1),
     ):
@@ -522,7 +524,9 @@ def test_model_whose_worker_fails_to_start(server, client, val_images):
         assert len({p for p in seen if p > 0}) >= 2, f"no worker restart seen: {seen}"
         assert "READY" not in seen.values(), seen
         assert pings <= {"Healthy", "Partial Healthy", "Unhealthy"}, pings
-        waiting = Client(server.inference_url, server.management_url, server.key_file, timeout=3)
+        waiting = Client(
+            server.inference_url, server.management_url, server.key_file, timeout=3, retry=NO_RETRY
+        )
         with pytest.raises(requests.ReadTimeout):
             waiting.predict(BROKEN, val_images[0])
     finally:
@@ -546,38 +550,32 @@ def test_worker_killed_mid_load(server, client, detector, val_images):
     """SIGKILL the worker while 6 threads keep 6 requests in flight (batchSize 4).
 
     TorchServe answers the batch the dead worker held 507 "Worker died.", keeps the other queued
-    requests, restarts the worker and serves them. Bound: at most one batch (4) fails, and every
-    failure was in flight at the kill.
+    requests, restarts the worker and serves them. The client retries what the dead worker lost
+    (a fresh request id per attempt), so no request fails as its caller sees it: every one ends
+    200 with its own image's answer, and the retries are counted.
     """
     refs = [detector.predict([v], **ALL)[0] for v in val_images]
     classes = list(detector.card.classes)
     old = worker_pids(client)
     assert len(old) == 1
-    stop = threading.Event()
-    log: list[tuple[float, float, int | str, str]] = []
 
-    def traffic(k: int) -> None:
-        own = Client(server.inference_url, server.management_url, server.key_file, timeout=KILL_TIMEOUT)
-        i = k
-        while not stop.is_set():
-            n = i % len(val_images)
-            t0 = time.monotonic()
-            try:
-                r = own.predict(MODEL, val_images[n], **ALL)
-                status, text = r.status_code, r.text[:200]
-                if status == 200:
-                    assert_answer(r.json(), refs[n], classes)
-            except AssertionError as e:
-                status, text = "wrong answer", str(e)
-            except requests.RequestException as e:
-                status, text = type(e).__name__, str(e)
-            log.append((t0, time.monotonic(), status, text))
-            i += 1
+    def check(key: str, body: dict) -> str | None:
+        try:
+            assert_answer(body, refs[int(key)], classes)
+        except AssertionError as e:
+            return str(e)
+        return None
 
-    threads = [threading.Thread(target=traffic, args=(k,), daemon=True) for k in range(6)]
-    for t in threads:
-        t.start()
+    traffic = Traffic(
+        lambda: Client(server.inference_url, server.management_url, server.key_file),  # the defaults
+        MODEL,
+        Images.cycle(val_images),
+        threads=6,
+        params=ALL,
+        check=check,
+    )
     pings: list[tuple[int, str]] = []
+    traffic.start()
     try:
         time.sleep(2.0)
         t_kill = time.monotonic()
@@ -591,11 +589,9 @@ def test_worker_killed_mid_load(server, client, detector, val_images):
                 break
             time.sleep(0.25)
         t_ready = time.monotonic()
-        time.sleep(2.0)
+        assert traffic.answered_after(t_ready, timeout=KILL_TIMEOUT)
     finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=KILL_TIMEOUT + 10)
+        traffic.stop(timeout=KILL_TIMEOUT)
 
     workers = client.describe(MODEL)[0]["workers"]
     assert len(workers) == 1 and workers[0]["status"] == "READY", workers
@@ -604,15 +600,18 @@ def test_worker_killed_mid_load(server, client, detector, val_images):
     ping = client.ping()
     assert ping.status_code == 200 and ping.json() == {"status": "Healthy"}
 
-    failed = [e for e in log if e[2] != 200]
-    assert all(e[2] == 507 and "Worker died" in e[3] for e in failed), failed
-    assert all(e[0] < t_kill < e[1] for e in failed), f"a request failed that was not in flight: {failed}"
-    assert len(failed) <= BATCH, f"{len(failed)} requests failed, bound {BATCH}"
-    waited = [e for e in log if e[2] == 200 and e[0] < t_ready and e[1] > t_kill]
+    summary = traffic.summary()
+    assert traffic.unanswered == 0, summary
+    failed = traffic.failures()
+    assert not failed, [(o.status, o.problem or o.text) for o in failed]
+    outs = traffic.snapshot()
+    retried = [o for o in outs if o.retries]
+    assert all(o.t0 < t_ready for o in retried), "a request sent after the restart needed a retry"
+    assert all(o.echoed == o.request_id for o in outs)
+    waited = [o for o in outs if o.t0 < t_ready and o.t1 > t_kill]
     assert waited, "no request waited through the restart"
-    assert any(e[2] == 200 and e[0] > t_ready for e in log), "nothing served after the restart"
     print(
-        f"\nkilled worker {old[0]} -> {new_pid} READY after {t_ready - t_kill:.1f} s; {len(log)} requests, "
-        f"{len(failed)} failed (507 'Worker died.', bound {BATCH}), {len(waited)} waited through the "
-        f"restart and got 200; /ping meanwhile: {sorted(set(pings))}"
+        f"\nkilled worker {old[0]} -> {new_pid} READY after {t_ready - t_kill:.1f} s; {summary['requests']} requests, "
+        f"0 failed as callers see them; {summary['retried_requests']} retried ({summary['retries']}); "
+        f"{len(waited)} waited through the restart; /ping meanwhile: {sorted(set(pings))}"
     )

@@ -20,10 +20,13 @@ def model_name(name: str, cfg: tuple[int, int, int]) -> str:
 
 
 def torchserve_sender(server, model: str, timeout: float = 120) -> Callable[[], Callable[[bytes], object]]:
-    from scripts.client import Client
+    from scripts.client import NO_RETRY, Client
 
     def make():
-        client = Client(server.inference_url, server.management_url, server.key_file, timeout=timeout)
+        # no retries: a lost or failed request must count as one in the bench's figures
+        client = Client(
+            server.inference_url, server.management_url, server.key_file, timeout=timeout, retry=NO_RETRY
+        )
 
         def send(body: bytes):
             r = client.predict(model, body)
