@@ -195,7 +195,7 @@ class Detector:
         return self.postprocess(cls_out, box_out, img_scale, img_size, iou_threshold, score_threshold)
 
     def to_response(self, detections: torch.Tensor, width: int, height: int, params: Params) -> dict:
-        """One image's detection rows -> the JSON contract of DESIGN.md (without the model block)."""
+        """One image's detection rows -> the JSON response contract (without the model block)."""
         return self.to_responses(detections.unsqueeze(0), [(width, height)], [params])[0]
 
     def to_responses(

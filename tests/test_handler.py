@@ -7,7 +7,7 @@ builds the real ``ts.context.Context`` and the per-request ``RequestProcessor``s
 ``EffDetHandler.handle`` and encodes the answer frame, which is parsed back here. The metrics
 cache is TorchServe's ``MetricsCacheYamlImpl`` built from its default ``metrics.yaml``.
 
-Answers are checked against the DESIGN.md contract and against ``Detector.predict`` run
+Answers are checked against the response contract (README, Serving) and against ``Detector.predict`` run
 in-process on the same bytes and parameters.
 """
 

@@ -1,4 +1,4 @@
-"""Reliability and security of the served detector (issue 7), on a real TorchServe.
+"""Reliability and security of the served detector, on a real TorchServe.
 
 One TorchServe serves the module, started the way a user starts it: ``python -m scripts.serve
 start`` in a subprocess (on a config rendered onto free loopback ports), its output kept to check

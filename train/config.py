@@ -21,7 +21,7 @@ from handler.card import ModelCard
 from handler.geometry import Geometry
 from handler.postprocess import AnchorConfig, feature_sizes
 
-# The seed note's config block, every key exactly as written there.
+# The effdet config this project started from (tf_efficientnetv2_l at 512x512), every key as given.
 SEED_CONFIG: dict = {
     "name": "tf_efficientnetv2_l",
     "backbone_name": "tf_efficientnetv2_l",
@@ -82,7 +82,7 @@ SMALL_OVERRIDES: dict = {
 }
 
 
-# The project's presets by the architecture they build; the seed note's config is also "seed".
+# The project's presets by the architecture they build; the starting config is also called "seed".
 PRESETS = ("tf_efficientnetv2_l_512", "small")
 ALIASES = {"seed": "tf_efficientnetv2_l_512"}
 

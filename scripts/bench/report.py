@@ -13,7 +13,7 @@ TARGET_P99_OVER_P50 = 3.0
 
 
 def ratios(results: dict) -> dict:
-    """The headline ratios and the issue's targets, from whatever stages ran."""
+    """The headline ratios and the project's targets, from whatever stages ran."""
     best = {
         key: max((r["images_per_s"] for r in results.get(key) or []), default=None)
         for key in ("model", "effdet", "handler")
