@@ -22,6 +22,7 @@ from torchvision.ops import box_iou
 
 from handler import postprocess
 from handler.postprocess import AnchorConfig, detect, feature_sizes, generate_anchors, grouped_nms
+from scripts.bench.workload import spread_heads
 
 BOX_ATOL = 1e-3  # px, fp32
 MAX_BATCH = 8
@@ -41,17 +42,11 @@ def small_config(num_classes: int, image_size: tuple[int, int], **overrides):
 
 
 def build_model(cfg, seed: int) -> EfficientDet:
+    """Random weights whose scores spread (many classes and scores in the top-k, boxes off their
+    anchors so NMS sees a mix of overlaps): the bench's own ``spread_heads``."""
     torch.manual_seed(seed)
     model = EfficientDet(cfg, pretrained_backbone=False).eval()
-    with torch.no_grad():
-        cls_pred = model.class_net.predict.conv_pw
-        box_pred = model.box_net.predict.conv_pw
-        # Spread the class logits (roughly -7..+1) so the top-k holds many classes and scores.
-        cls_pred.bias.add_(torch.randn_like(cls_pred.bias) * 1.5 + 2.0)
-        cls_pred.weight.mul_(4.0)
-        # Move the boxes off their anchors so NMS sees a mix of overlaps.
-        box_pred.weight.mul_(3.0)
-        box_pred.bias.add_(torch.randn_like(box_pred.bias) * 0.3)
+    spread_heads(model, seed)
     return model
 
 

@@ -44,7 +44,7 @@ def spread_heads(model, seed: int = 0) -> None:
     """Make a random-weight EfficientDet score like a detector rather than a constant.
 
     Freshly initialised heads give every anchor almost the same logit (effdet's prior bias), so
-    scores tie and NMS has nothing to do. As tests/test_postprocess.py does, the class head's bias
+    scores tie and NMS has nothing to do. The class head's bias
     is spread and its weights scaled (logits roughly -7..+1), and the boxes are moved off their anchors.
     """
     g = torch.Generator().manual_seed(seed)
