@@ -124,10 +124,6 @@ class Server:
         return self.props["management_address"]
 
     @property
-    def metrics_url(self) -> str:
-        return self.props["metrics_address"]
-
-    @property
     def key_file(self) -> Path:
         return self.workdir / "key_file.json"
 

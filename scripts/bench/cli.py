@@ -18,7 +18,7 @@ import torch
 
 from scripts.bench.parity import BenchError
 from scripts.bench.report import plot, ratio_lines, ratios, report
-from scripts.bench.served import bench_served
+from scripts.bench.served import ServedSetting, bench_served
 from scripts.bench.stages import bench_effdet, bench_fp16, bench_handler, bench_model, bench_post
 from scripts.bench.timing import Progress
 from scripts.bench.workload import make_images, prepare, resolve_export
@@ -31,7 +31,7 @@ FULL = {
     "batches": (1, 8, 32),
     "repeats": 5,
     "warmup": 3,
-    "configs": ((1, 0, 1), (4, 10, 1), (8, 20, 1), (4, 10, 2), (1, 0, 2)),
+    "configs": tuple(ServedSetting(*c) for c in ((1, 0, 1), (4, 10, 1), (8, 20, 1), (4, 10, 2), (1, 0, 2))),
     "concurrency": (1, 4, 8),
     "requests": 64,
     "served_repeats": 3,
@@ -43,7 +43,7 @@ QUICK = {
     "batches": (1, 8),
     "repeats": 2,
     "warmup": 3,  # TorchScript's profiling executor optimises on the 2nd-3rd call per shape
-    "configs": ((1, 0, 1), (4, 10, 1)),
+    "configs": (ServedSetting(1, 0, 1), ServedSetting(4, 10, 1)),
     "concurrency": (1, 4),
     "requests": 16,
     "served_repeats": 1,
@@ -55,12 +55,13 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.replace(" ", "").split(",") if x)
 
 
-def _configs(text: str) -> tuple[tuple[int, int, int], ...]:
+def _configs(text: str) -> tuple[ServedSetting, ...]:
+    """``B:D:W,...`` -> served settings (batchSize, maxBatchDelay ms, workers)."""
     out = []
     for part in text.replace(" ", "").split(","):
         if part:
             b, d, n = (int(x) for x in part.split(":"))
-            out.append((b, d, n))
+            out.append(ServedSetting(b, d, n))
     return tuple(out)
 
 
@@ -148,7 +149,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if a.train_precision is None:
         a.train_precision = "16-mixed" if a.device.startswith("cuda") else "32-true"
     if a.null_configs is None:
-        a.null_configs = (max(a.configs, key=lambda c: (c[0] * c[2], c[2])),)
+        a.null_configs = (max(a.configs, key=lambda s: (s.batch_size * s.workers, s.workers)),)
     if a.threads is None:
         a.threads = os.cpu_count() or 1
     if a.images is None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import resource
 import statistics
 import threading
 import time
@@ -80,11 +79,11 @@ def run_load(
         t.start()
     barrier.wait()
     srv0 = server_cpu.sample() if server_cpu else None
-    cpu0, ru0, t0 = time.process_time(), resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    cpu0, t0 = time.process_time(), time.perf_counter()
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    cpu, ru1 = time.process_time() - cpu0, resource.getrusage(resource.RUSAGE_SELF)
+    cpu = time.process_time() - cpu0
     srv1 = server_cpu.sample() if server_cpu else None
     merged: dict = {}
     for s in statuses:
@@ -102,7 +101,6 @@ def run_load(
         "latencies_ms": lat,
         "client_cpu_s": cpu,
         "client_cpu_pct_of_core": 100.0 * cpu / wall if wall > 0 else 0.0,
-        "client_rusage_cpu_s": (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime),
     }
     if srv0 and srv1:
         out["frontend_cpu_pct_of_core"] = 100.0 * (srv1["frontend"] - srv0["frontend"]) / wall

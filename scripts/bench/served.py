@@ -7,6 +7,7 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from scripts.bench.load import ProcessCPU, aggregate, run_load
 from scripts.bench.parity import BenchError
@@ -14,8 +15,16 @@ from scripts.bench.timing import Progress
 from scripts.bench.workload import Workload
 
 
-def model_name(name: str, cfg: tuple[int, int, int]) -> str:
-    b, d, n = cfg
+class ServedSetting(NamedTuple):
+    """One TorchServe setting the bench serves at: batchSize, maxBatchDelay (ms) and workers."""
+
+    batch_size: int
+    max_batch_delay: int
+    workers: int
+
+
+def model_name(name: str, setting: ServedSetting) -> str:
+    b, d, n = setting
     return f"{name}_b{b}_d{d}_w{n}"
 
 
@@ -58,14 +67,14 @@ def _server_pid(server) -> int | None:
 def bench_served(
     w: Workload,
     name: str,
-    configs: Sequence[tuple[int, int, int]],
+    configs: Sequence[ServedSetting],
     concurrencies: Sequence[int],
     requests: int,
     repeats: int,
     threads: int,
     workdir: Path,
     progress: Progress,
-    null_configs: Sequence[tuple[int, int, int]] = (),
+    null_configs: Sequence[ServedSetting] = (),
 ) -> list[dict]:
     """Archive one .mar per setting, start one TorchServe, register them one at a time and load each.
 
@@ -85,12 +94,12 @@ def bench_served(
     cuda = w.device.type == "cuda"
     progress.stage("5/5 served: archiving", len(configs) + len(null_configs))
     mars = {}
-    jobs = [("model", cfg) for cfg in configs] + [("null", cfg) for cfg in null_configs]
-    for cfg in null_configs:
-        mars[("null", cfg)] = archive_null(model_name(NULL_NAME, cfg), store, cfg, cuda)
-        progress.tick(model_name(NULL_NAME, cfg))
-    for cfg in configs:
-        b, d, n = cfg
+    jobs = [("model", setting) for setting in configs] + [("null", setting) for setting in null_configs]
+    for setting in null_configs:
+        mars[("null", setting)] = archive_null(model_name(NULL_NAME, setting), store, setting, cuda)
+        progress.tick(model_name(NULL_NAME, setting))
+    for setting in configs:
+        b, d, n = setting
         mc = ModelConfig(
             batch_size=b,
             max_batch_delay=d,
@@ -100,8 +109,8 @@ def bench_served(
             precision=w.precision,
             torch_threads=None if cuda else max(1, threads // n),
         )
-        mars[("model", cfg)] = archive(w.export_dir, model_name(name, cfg), "1.0", store, mc)
-        progress.tick(model_name(name, cfg))
+        mars[("model", setting)] = archive(w.export_dir, model_name(name, setting), "1.0", store, mc)
+        progress.tick(model_name(name, setting))
     progress.end()
 
     server = Server(workdir / "ts", store, free_ports=True)
@@ -113,10 +122,10 @@ def bench_served(
         cpu = ProcessCPU(_server_pid(server))
         per_point = 1 + repeats
         progress.stage("5/5 served", len(jobs) * len(concurrencies) * per_point)
-        for kind, cfg in jobs:
-            b, d, n = cfg
-            mar = mars[(kind, cfg)]
-            model = model_name(name if kind == "model" else NULL_NAME, cfg)
+        for kind, setting in jobs:
+            b, d, n = setting
+            mar = mars[(kind, setting)]
+            model = model_name(name if kind == "model" else NULL_NAME, setting)
             entry = {
                 "kind": kind,
                 "batch_size": b,
@@ -166,7 +175,7 @@ NULL_NAME = "null"
 NULL_HANDLER = Path(__file__).with_name("null_handler.py")
 
 
-def archive_null(name: str, store: Path, cfg: tuple[int, int, int], cuda: bool) -> Path:
+def archive_null(name: str, store: Path, setting: ServedSetting, cuda: bool) -> Path:
     """The null handler in its own tiny .mar, built by the real torch-model-archiver (no model file)."""
     import subprocess
     import tempfile
@@ -175,7 +184,7 @@ def archive_null(name: str, store: Path, cfg: tuple[int, int, int], cuda: bool) 
 
     from scripts.paths import executable
 
-    b, d, n = cfg
+    b, d, n = setting
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "model-config.yaml"
         config.write_text(
