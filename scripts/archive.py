@@ -23,6 +23,15 @@ from pathlib import Path
 import yaml
 
 from handler.decode import DEFAULT_MAX_PIXELS
+from scripts.client import (
+    MAX_BATCH_DELAY_MS,
+    MAX_BATCH_SIZE,
+    MAX_RESPONSE_TIMEOUT_S,
+    InvalidArgument,
+    check_name,
+    check_workers,
+    int_in,
+)
 from scripts.paths import ROOT, executable
 
 HANDLER_DIR = ROOT / "handler"
@@ -45,6 +54,25 @@ class ModelConfig:
     torch_threads: int | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
     device_ids: list[int] | None = None  # GPUs this model's workers use (round-robin); all when None
+
+    def __post_init__(self):
+        """TorchServe stores negative sizes, delays and timeouts as given: refuse them here."""
+        int_in("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
+        int_in("max_batch_delay (ms)", self.max_batch_delay, 0, MAX_BATCH_DELAY_MS)
+        int_in("response_timeout (s)", self.response_timeout, 1, MAX_RESPONSE_TIMEOUT_S)
+        check_workers(self.min_workers)
+        check_workers(self.max_workers)
+        if self.min_workers > self.max_workers:
+            raise InvalidArgument(f"min_workers {self.min_workers} > max_workers {self.max_workers}")
+        if self.device_type not in ("cpu", "gpu") or self.precision not in ("fp32", "fp16"):
+            raise InvalidArgument(
+                f"device_type cpu|gpu and precision fp32|fp16, got {self.device_type}, {self.precision}"
+            )
+        for name, value, lo_open in (("score_threshold", self.score_threshold, False),
+                                     ("iou_threshold", self.iou_threshold, True)):  # fmt: skip
+            if value is not None and not (0 < value <= 1 if lo_open else 0 <= value <= 1):
+                raise InvalidArgument(f"{name} must be in {'(0' if lo_open else '[0'}, 1], got {value}")
+        int_in("max_pixels", self.max_pixels, 1, 2**40)
 
     def to_yaml(self) -> dict:
         handler = {
@@ -102,6 +130,8 @@ def archive(
     export_dir, model_store = Path(export_dir), Path(model_store)
     model_store.mkdir(parents=True, exist_ok=True)
     config = config or ModelConfig()
+    check_name(name)
+    check_name(version, "version")
     network = network_file(export_dir, config)
     for needed in (network.name, "model.json", "index_to_name.json"):
         if not (export_dir / needed).is_file():
@@ -172,21 +202,21 @@ def main(argv: list[str] | None = None) -> None:
         help="comma-separated GPU ids this model's workers use round-robin (default: all GPUs)",
     )
     a = p.parse_args(argv)
-    cfg = ModelConfig(
-        batch_size=a.batch_size,
-        max_batch_delay=a.max_batch_delay,
-        min_workers=a.min_workers,
-        max_workers=a.max_workers,
-        response_timeout=a.response_timeout,
-        device_type=a.device_type,
-        score_threshold=a.score_threshold,
-        iou_threshold=a.iou_threshold,
-        precision=a.precision,
-        torch_threads=a.torch_threads,
-        max_pixels=a.max_pixels,
-        device_ids=a.device_ids,
-    )
     try:
+        cfg = ModelConfig(
+            batch_size=a.batch_size,
+            max_batch_delay=a.max_batch_delay,
+            min_workers=a.min_workers,
+            max_workers=a.max_workers,
+            response_timeout=a.response_timeout,
+            device_type=a.device_type,
+            score_threshold=a.score_threshold,
+            iou_threshold=a.iou_threshold,
+            precision=a.precision,
+            torch_threads=a.torch_threads,
+            max_pixels=a.max_pixels,
+            device_ids=a.device_ids,
+        )
         mar = archive(a.export_dir, a.name, a.version, a.model_store, cfg)
     except (ValueError, FileNotFoundError) as e:
         print(f"archive failed: {e}", file=sys.stderr)

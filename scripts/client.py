@@ -72,7 +72,7 @@ class ScaleError(RuntimeError):
     """A scale request that could not be carried out; the message says what state it left."""
 
 
-def _int_in(name: str, value, lo: int, hi: int, hint: str = "") -> int:
+def int_in(name: str, value, lo: int, hi: int, hint: str = "") -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidArgument(f"{name} must be an integer, got {value!r}")
     if not lo <= value <= hi:
@@ -94,7 +94,7 @@ def check_name(value, what: str = "model name") -> str:
 def check_workers(value) -> int:
     """A worker count for a scale call: 1..MAX_WORKERS. Zero is refused: TorchServe 0.12 answers
     "Workers scaled to 0" but keeps the worker process running, after unregister too."""
-    return _int_in(
+    return int_in(
         "workers",
         value,
         1,
@@ -126,11 +126,11 @@ def check_register(
     if model_name is not None:
         check_name(model_name)
     if batch_size is not None:
-        _int_in("batch_size", batch_size, 1, MAX_BATCH_SIZE)
+        int_in("batch_size", batch_size, 1, MAX_BATCH_SIZE)
     if max_batch_delay is not None:
-        _int_in("max_batch_delay (ms)", max_batch_delay, 0, MAX_BATCH_DELAY_MS)
+        int_in("max_batch_delay (ms)", max_batch_delay, 0, MAX_BATCH_DELAY_MS)
     if response_timeout is not None:
-        _int_in("response_timeout (s)", response_timeout, 1, MAX_RESPONSE_TIMEOUT_S)
+        int_in("response_timeout (s)", response_timeout, 1, MAX_RESPONSE_TIMEOUT_S)
     check_workers(initial_workers)
 
 
@@ -386,7 +386,7 @@ class Client:
         if workers >= before:
             step = workers - before
             if start_at_once is not None:
-                step = _int_in("start_at_once", start_at_once, 1, MAX_WORKERS)
+                step = int_in("start_at_once", start_at_once, 1, MAX_WORKERS)
             for n in [*range(before + max(1, step), workers, max(1, step)), workers]:
                 r = self.set_workers(model, n, version)
                 if not r.ok:

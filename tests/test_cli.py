@@ -105,3 +105,21 @@ def test_archive_cli_names_what_is_missing(tmp_path):
         r.stderr.strip()
         == f"archive failed: {tmp_path / 'no_export' / 'model.pt'} missing: run `python -m export` first"
     )
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--batch-size", "-1"], "batch_size must be in [1, 1024], got -1"),
+        (["--max-batch-delay", "-5"], "max_batch_delay (ms) must be in [0, 60000], got -5"),
+        (["--min-workers", "0"], "workers"),
+        (["--min-workers", "3", "--max-workers", "2"], "min_workers 3 > max_workers 2"),
+        (["--score-threshold", "1.5"], "score_threshold must be in [0, 1], got 1.5"),
+        (["--name", "../x"], "model name"),
+    ],
+)
+def test_archive_cli_refuses_values_torchserve_would_store(exported, tmp_path, flags, message):
+    """Refused with one line before the archiver runs: nothing is written."""
+    r = run("-m", "scripts.archive", str(exported), "--model-store", str(tmp_path / "store"), *flags)
+    assert r.returncode == 2 and r.stderr.startswith("archive failed: ") and message in r.stderr, r.stderr
+    assert not (tmp_path / "store").exists() or not list((tmp_path / "store").iterdir())
