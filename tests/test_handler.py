@@ -174,7 +174,10 @@ class Worker:
             # every answer names its request: the caller's X-Request-Id when safe, else TorchServe's id
             sent = next((v for k, v in requests[i].headers.items() if k.lower() == "x-request-id"), None)
             want_id = sent if sent is not None and valid_request_id(sent) else f"req-{i}"
-            if "describe" not in requests[i].headers:
+            describe = any(
+                k.lower() == "describe" and v.lower() == "true" for k, v in requests[i].headers.items()
+            )
+            if not describe:
                 assert a["headers"].get(REQUEST_ID_ECHO_HEADER) == want_id, (a["headers"], sent)
                 if a["status"] == 200:
                     assert body["request_id"] == want_id
