@@ -220,3 +220,87 @@ def test_synthetic_data_command_runs(tmp_path):
         out = tmp_path / flags["--out"]
         train = json.loads((out / "train.json").read_text())
         assert len(train["images"]) == int(flags["--train"]), line
+
+
+# -- the curl walk-through of docs/deploy.md, against a real TorchServe ----------------------------
+DEPLOY = ROOT / "docs" / "deploy.md"
+DEFINITIONS = re.compile(r"^(KEYS=|key\(\)|INF=|MGMT=)")
+
+
+def curl_walkthrough() -> list[str]:
+    """The shell lines of deploy.md's token and curl blocks, in order (``\\`` and ``|`` continue a line)."""
+    out: list[str] = []
+    for block in SHELL_BLOCK.findall(DEPLOY.read_text()):
+        if "KEYS=" not in block and 'INF="Authorization' not in block:
+            continue
+        pending = ""
+        for raw in block.splitlines():
+            line = raw.rstrip()
+            if line.endswith("\\"):
+                pending += line[:-1] + " "
+            elif line.endswith("|"):
+                pending += line + " "
+            else:
+                joined = (pending + line).strip()
+                pending = ""
+                if joined and not joined.startswith("#"):
+                    out.append(joined)
+    return out
+
+
+@pytest.fixture
+def deploy_server(exported, tmp_path):
+    """effdet_demo 1.0 served and effdet_demo_v2.mar (version 2.0) in the store, as deploy.md assumes."""
+    from scripts.archive import ModelConfig, archive
+    from scripts.serve import Server
+
+    store = tmp_path / "model_store"
+    archive(exported, "effdet_demo", "1.0", store, ModelConfig())
+    archive(exported, "effdet_demo", "2.0", tmp_path / "v2", ModelConfig())
+    (tmp_path / "v2" / "effdet_demo.mar").rename(store / "effdet_demo_v2.mar")
+    srv = Server(tmp_path / "ts", store, free_ports=True)
+    try:
+        srv.start(["effdet_demo=effdet_demo.mar"])
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.mark.slow
+def test_deploy_curl_lines_run_as_written(deploy_server, val_images, tmp_path):
+    """Every curl line of docs/deploy.md's walk-through, in order, answers below 400.
+
+    Only the addresses and the key file's path are replaced (the server runs on free ports); the
+    status of each call is read through a ``.curlrc`` (``-w``), so the lines themselves are as written.
+    """
+    srv = deploy_server
+    lines = curl_walkthrough()
+    commands = [line for line in lines if not DEFINITIONS.match(line)]
+    assert len(commands) >= 15 and all("curl" in c for c in commands), commands
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".curlrc").write_text('-sS\n-w "\\nHTTP %{http_code}\\n"\n')
+    (tmp_path / "a.jpg").write_bytes(val_images[0])
+    urls = {
+        "http://127.0.0.1:8080": srv.inference_url,
+        "http://127.0.0.1:8081": srv.management_url,
+        "http://127.0.0.1:8082": srv.props["metrics_address"],
+        "runs/serve/key_file.json": str(srv.key_file),
+    }
+
+    def local(text: str) -> str:
+        for old, new in urls.items():
+            text = text.replace(old, new)
+        return text
+
+    prelude = "\n".join(local(line) for line in lines if DEFINITIONS.match(line))
+    env = {**os.environ, "HOME": str(home)}
+    for command in commands:
+        r = subprocess.run(["bash", "-c", f"{prelude}\n{local(command)}"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+        codes = re.findall(r"^HTTP (\d{3})$", r.stdout, re.M)
+        assert r.returncode == 0 and codes, f"{command}\n{r.stdout[-800:]}\n{r.stderr[-800:]}"
+        assert int(codes[-1]) < 400, f"{command}\n-> HTTP {codes[-1]}: {r.stdout[-800:]}"
+        if "/predictions/" in command and "describe" not in command:
+            body = r.stdout[: r.stdout.rindex("HTTP ")].strip()
+            assert '"detections"' in body, f"{command}\n{body[:500]}"
