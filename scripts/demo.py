@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     say(f"2/7 training the small preset for {a.epochs} epochs (Lightning's bar below)")
     card = train_main(["--data", a.data, "--format", "synthetic", "--model", "small", "--epochs", str(a.epochs),
                        "--out", str(run)])  # fmt: skip
-    print(f"val mAP@.5 after training: {card['metrics']['val_map50']:.3f}")
+    print(f"val mAP@.5 after training: {card.metrics['val_map50']:.3f}")
 
     say("3/7 export to TorchScript (parity vs eager effdet enforced)")
     exported = export(run / "best.ckpt", run / "export")
