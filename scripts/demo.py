@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     say("3/7 export to TorchScript (parity vs eager effdet enforced)")
     exported = export(run / "best.ckpt", run / "export")
     print(
-        f"parity max |diff| {exported['export']['parity']['max_abs_diff']:.2e}, {exported['export']['bytes'] / 1e6:.1f} MB"
+        f"parity max |diff| {exported.export['parity']['max_abs_diff']:.2e}, {exported.export['bytes'] / 1e6:.1f} MB"
     )
 
     say("4/7 archive with torch-model-archiver")
