@@ -4,6 +4,7 @@
 #   source .gpukit/install-kit.sh && bash scripts/gpu_check.sh seed     # call 1 (<= 7 min): tests, train, in-process
 #   source .gpukit/install-kit.sh && bash scripts/gpu_check.sh served   # call 2 (<= 7 min): served + null handler
 #   source .gpukit/install-kit.sh && bash scripts/gpu_check.sh d0       # call 3, only if device time is left
+#   source .gpukit/install-kit.sh && bash scripts/gpu_check.sh aoti     # TorchScript vs AOTInductor (CUDA, fp16)
 #
 # (device tool: `run` with carry [".gpukit"], timeout_s 590; see docs/benchmarks.md "GPU".)
 # "served" reuses the seed model trained by "seed" when the machine is still warm (it is kept in
@@ -74,8 +75,17 @@ d0)
     --out "$WORK/d0"
   keep "$WORK/d0" h100-d0-fp16-all
   ;;
+aoti)
+  # d0 in both network formats side by side: the AOTInductor package compiled here for CUDA fp16 from the
+  # trained checkpoint (export refuses a package outside its parity tolerance), then model-only and served
+  step d0-formats 540 "${BENCH[@]}" --model efficientdet_d0 --image-size 512 --train-steps 100 \
+    --train-batch-size 16 --train-precision 16-mixed --precision fp16 --channels-last --formats script,aoti \
+    --stages model,handler,served --batches 1,8,32 --repeats 5 --configs 32:10:1 --concurrency 64 \
+    --requests 256 --served-repeats 1 --out "$WORK/d0"
+  keep "$WORK/d0" h100-d0-fp16-formats
+  ;;
 *)
-  echo "unknown phase $PHASE (seed, served or d0)" >&2
+  echo "unknown phase $PHASE (seed, served, d0 or aoti)" >&2
   exit 2
   ;;
 esac

@@ -1,6 +1,7 @@
 """Background prediction traffic: threads that keep requests flowing until stopped, and what came back.
 
-The one loop behind the tests under load, the demo's scaling step and the benchmark's served runs:
+The one loop behind the tests under load, the demo's scaling step and the benchmark's served runs
+(there with ``limit``: a closed loop of so many requests, see ``scripts.bench.load``):
 
     with Traffic(lambda: Client(...), "effdet_demo", Images.cycle([jpeg1, jpeg2]), threads=4) as t:
         client.scale("effdet_demo", 1)
@@ -85,8 +86,9 @@ class Outcome:
 
 class Traffic:
     """``threads`` threads, each with its own client from ``make_client``, sending ``source``'s
-    images to ``model`` until ``stop()``. ``check(key, body)`` may return what is wrong with a 200.
-    ``keep`` keeps each 200's body and image for comparisons afterwards."""
+    images to ``model`` until ``stop()`` (or, with ``limit``, until that many requests were sent
+    between them: ``wait()``). ``check(key, body)`` may return what is wrong with a 200. ``keep``
+    keeps each 200's body and image for comparisons afterwards."""
 
     def __init__(
         self,
@@ -97,24 +99,31 @@ class Traffic:
         params: dict | None = None,
         check: Callable[[str, dict], str | None] | None = None,
         keep: bool = False,
+        limit: int | None = None,
     ):
         self.make_client, self.model, self.source = make_client, model, source
-        self.params, self.check, self.keep = params or {}, check, keep
+        self.params, self.check, self.keep, self.limit = params or {}, check, keep, limit
         self.outcomes: list[Outcome] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._counter = 0
         self._threads = [threading.Thread(target=self._run, args=(k,), daemon=True) for k in range(threads)]
 
-    def _next(self) -> int:
+    def _next(self) -> int | None:
+        """The running request number, or None once ``limit`` requests have been handed out."""
         with self._lock:
+            if self.limit is not None and self._counter >= self.limit:
+                return None
             self._counter += 1
             return self._counter - 1
 
     def _run(self, k: int) -> None:
         client = self.make_client()
         while not self._stop.is_set():
-            key, data = self.source(k, self._next())
+            n = self._next()
+            if n is None:
+                return
+            key, data = self.source(k, n)
             t0 = time.monotonic()
             out = Outcome(k, key, t0, t0, "?")
             try:
@@ -148,6 +157,11 @@ class Traffic:
         deadline = time.monotonic() + timeout
         for t in self._threads:
             t.join(max(0.0, deadline - time.monotonic()))
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait for the threads to end by themselves (after ``limit`` requests)."""
+        for t in self._threads:
+            t.join(timeout)
 
     def __enter__(self) -> Traffic:
         return self.start()

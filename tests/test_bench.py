@@ -19,7 +19,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import requests
 import torch
 from PIL import Image
 
@@ -249,9 +248,10 @@ def test_handler_stage_runs_the_real_handler_bytes_to_json(workload):
 
 
 class _Stub(BaseHTTPRequestHandler):
-    """200 with a detection body, except every 4th request: 503."""
+    """200 with a detection body (or ``body``), except every 4th request: 503."""
 
     count = 0
+    body = b'{"image": {"width": 1, "height": 1}, "detections": []}'
     lock = threading.Lock()
 
     def do_POST(self):
@@ -259,7 +259,7 @@ class _Stub(BaseHTTPRequestHandler):
         with _Stub.lock:
             _Stub.count += 1
             fail = _Stub.count % 4 == 0
-        body = b'{"error": "busy"}' if fail else b'{"image": {"width": 1, "height": 1}, "detections": []}'
+        body = b'{"error": "busy"}' if fail else _Stub.body
         self.send_response(503 if fail else 200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -276,21 +276,23 @@ def stub_url():
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Stub)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/predictions/x"
+    yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()
 
 
-def _sender(url):
-    def make():
-        session = requests.Session()
-        return lambda body: session.post(url, data=body, timeout=10).status_code
+def _clients(url: str, tmp_path: Path):
+    """The bench's clients (no retries) against ``url``, with a key file of their own."""
+    from scripts.client import NO_RETRY, Client
 
-    return make
+    keys = tmp_path / "key_file.json"
+    keys.write_text(json.dumps({k: {"key": k.lower()} for k in ("inference", "management", "API")}))
+    return lambda: Client(url, url, keys, timeout=10, retry=NO_RETRY)
 
 
-def test_run_load_counts_successes_failures_and_client_cpu(stub_url):
-    reps = [bench.run_load(_sender(stub_url), [b"a", b"bb"], concurrency=3, total=12) for _ in range(2)]
+def test_run_load_counts_successes_failures_and_client_cpu(stub_url, tmp_path):
+    clients = _clients(stub_url, tmp_path)
+    reps = [bench.run_load(clients, "x", [b"a", b"bb"], concurrency=3, total=12) for _ in range(2)]
     for r in reps:
         assert r["requests"] == 12 and r["ok"] + r["failed"] == 12 and len(r["latencies_ms"]) == r["ok"]
         assert _finite_positive(r["wall_s"]) and r["throughput"] == pytest.approx(r["ok"] / r["wall_s"])
@@ -301,11 +303,18 @@ def test_run_load_counts_successes_failures_and_client_cpu(stub_url):
     assert point["statuses"] == {"200": 18, "503": 6}
     assert point["p50_ms"] <= point["p90_ms"] <= point["p99_ms"]
     assert point["throughput"] == pytest.approx(statistics.median(r["throughput"] for r in reps))
+    assert _Stub.count == 24  # the limit: not one request more
 
 
-def test_run_load_counts_connection_errors_as_failures():
-    dead = f"http://127.0.0.1:{free_port()}/predictions/x"
-    r = bench.run_load(_sender(dead), [b"a"], concurrency=2, total=4)
+def test_run_load_counts_a_200_without_detections_as_failed(stub_url, tmp_path, monkeypatch):
+    monkeypatch.setattr(_Stub, "body", b'{"image": {"width": 1, "height": 1}}')
+    r = bench.run_load(_clients(stub_url, tmp_path), "x", [b"a"], concurrency=2, total=8)
+    assert r["ok"] == 0 and r["failed"] == 8 and r["statuses"] == {"503": 2, "wrong answer": 6}
+
+
+def test_run_load_counts_connection_errors_as_failures(tmp_path):
+    dead = f"http://127.0.0.1:{free_port()}"
+    r = bench.run_load(_clients(dead, tmp_path), "x", [b"a"], concurrency=2, total=4)
     assert r["ok"] == 0 and r["failed"] == 4 and r["statuses"] == {"ConnectionError": 4}
     assert math.isnan(bench.aggregate([r])["p50_ms"])
 
@@ -367,6 +376,44 @@ def test_ratios_targets_report_and_plot(tmp_path):
 
     results["served"][0]["points"][1]["failed"] = 1  # a point with failures is no one's best
     assert bench.ratios(results)["served_best_images_per_s"] == 10.0
+
+
+def test_formats_side_by_side_ratios_and_report(tmp_path):
+    """A second format's figures sit beside TorchScript's; the headline ratios stay TorchScript's."""
+    results = _fake_results()
+    aoti_model = [dict(r, images_per_s=2 * r["images_per_s"]) for r in results["model"]]
+    aoti_points = [dict(p, throughput=3 * p["throughput"]) for p in results["served"][0]["points"]]
+    results["served"][0]["format"] = "script"
+    results["served"].append(
+        {**results["served"][0], "format": "aoti", "model": "m_aoti", "points": aoti_points}
+    )
+    info = {"mb": 1.0, "load_s": 0.5, "compile_s": None}
+    results["formats"] = {"script": dict(info), "aoti": {**info, "compile_s": 200.0, "model": aoti_model}}
+    r = results["ratios"] = bench.ratios(results)
+    assert r["served_best_images_per_s"] == 20.0  # TorchScript's, not the faster format's
+    ceiling = max(x["images_per_s"] for x in results["model"])
+    f = r["formats"]
+    assert f["script"]["ceiling_over_script"] == 1.0 and f["script"]["served_best_images_per_s"] == 20.0
+    assert f["aoti"]["ceiling_images_per_s"] == pytest.approx(2 * ceiling)
+    assert f["aoti"]["ceiling_over_script"] == pytest.approx(2.0)
+    assert f["aoti"]["served_best_over_script"] == pytest.approx(3.0)
+    assert f["aoti"]["served_over_ceiling"] == pytest.approx(60.0 / (2 * ceiling))
+    assert f["aoti"]["handler_best_images_per_s"] is None and f["aoti"]["handler_best_over_script"] is None
+    text = bench.report(results)
+    assert "network formats side by side" in text and "5. served over HTTP (aoti)" in text
+    assert any(
+        ln.split()[:3] == ["aoti", "/", "script"] and "served 3.00x" in ln
+        for ln in bench.ratio_lines(r).splitlines()
+    )
+    assert bench.plot(results, tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_formats_argument_always_keeps_torchscript_and_refuses_unknown_ones():
+    assert bench.parse_args([]).formats == ("script",)
+    assert bench.parse_args(["--formats", "aoti"]).formats == ("script", "aoti")
+    assert bench.parse_args(["--formats", "aoti,script"]).formats == ("script", "aoti")
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--formats", "onnx"])
 
 
 def _target(r: dict, prefix: str) -> dict:

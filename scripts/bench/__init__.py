@@ -37,7 +37,7 @@ Modules, runners apart from results: ``timing`` (repeats, syncs, percentiles), `
 ``stages`` (in-process stages), ``load`` (the closed-loop client), ``served`` (TorchServe and
 the null handler), ``report`` (ratios, tables, plot: pure functions of the results), ``cli``."""
 
-from scripts.bench.cli import FULL, QUICK, STAGES, main, parse_args, run
+from scripts.bench.cli import FORMATS, FULL, QUICK, STAGES, main, network_info, parse_args, run
 from scripts.bench.load import ProcessCPU, aggregate, run_load
 from scripts.bench.parity import (
     BOX_ATOL,
@@ -50,33 +50,35 @@ from scripts.bench.parity import (
     ours_postprocess,
     tie_horizon,
 )
-from scripts.bench.report import plot, ratio_lines, ratios, report, table
+from scripts.bench.report import format_ratios, plot, ratio_lines, ratios, report, table
 from scripts.bench.served import _alive, _server_pid, archive_null, bench_served
 from scripts.bench.stages import (
     bench_effdet,
     bench_fp16,
     bench_handler,
     bench_model,
+    bench_models,
     bench_post,
     check_answers,
     make_handler,
 )
-from scripts.bench.timing import Progress, measure, measure_pair, percentile, summarize, sync
+from scripts.bench.timing import Progress, measure, measure_pair, measure_turns, percentile, summarize, sync
 from scripts.bench.workload import (
     Workload,
     make_images,
     make_random_export,
+    network_for,
     prepare,
     resolve_export,
     train_export,
 )
 
 __all__ = [
-    "BOX_ATOL", "EFFDET_IOU", "FULL", "QUICK", "SCORE_ATOL", "STAGES", "BenchError", "ProcessCPU", "Progress",
+    "BOX_ATOL", "EFFDET_IOU", "FORMATS", "FULL", "QUICK", "SCORE_ATOL", "STAGES", "BenchError", "ProcessCPU", "Progress",
     "Workload", "_alive", "_server_pid", "aggregate", "run_load", "archive_null", "bench_effdet", "bench_fp16",
-    "bench_handler", "bench_model", "bench_post", "bench_served", "check_answers", "compare_detections",
-    "effdet_postprocess", "main", "make_handler", "make_images", "make_random_export", "match_detections",
-    "measure", "measure_pair", "ours_postprocess", "parse_args", "percentile", "plot", "prepare",
+    "bench_handler", "bench_model", "bench_models", "bench_post", "bench_served", "check_answers", "compare_detections",
+    "effdet_postprocess", "format_ratios", "main", "make_handler", "make_images", "make_random_export", "match_detections",
+    "measure", "measure_pair", "measure_turns", "network_for", "network_info", "ours_postprocess", "parse_args", "percentile", "plot", "prepare",
     "ratio_lines", "ratios", "report", "resolve_export", "run", "summarize", "sync", "table", "tie_horizon",
     "train_export",
 ]  # fmt: skip

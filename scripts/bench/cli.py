@@ -19,12 +19,13 @@ import torch
 from scripts.bench.parity import BenchError
 from scripts.bench.report import plot, ratio_lines, ratios, report
 from scripts.bench.served import ServedSetting, bench_served
-from scripts.bench.stages import bench_effdet, bench_fp16, bench_handler, bench_model, bench_post
+from scripts.bench.stages import bench_effdet, bench_fp16, bench_handler, bench_models, bench_post
 from scripts.bench.timing import Progress
-from scripts.bench.workload import make_images, prepare, resolve_export
+from scripts.bench.workload import Workload, make_images, network_for, prepare, resolve_export
 from scripts.paths import ROOT
 
 STAGES = ("model", "effdet", "post", "handler", "fp16", "served", "null")
+FORMATS = ("script", "aoti")
 
 
 FULL = {
@@ -108,6 +109,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--quick", action="store_true", help="tiny repeats and fewer settings: a smoke run")
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    p.add_argument(
+        "--formats",
+        default="script",
+        help="network formats side by side in the model, handler and served stages: script, or script,aoti "
+        "(the package compiled here from the export's checkpoint when none matches beside it: minutes). "
+        "TorchScript always runs: effdet, post-processing and fp16 read its weights",
+    )
     p.add_argument("--batches", type=_ints, help="batch sizes for stages 1-4 (default 1,8,32)")
     p.add_argument("--repeats", type=int, help="timed repeats per figure (default 5)")
     p.add_argument("--warmup", type=int, help="untimed calls before each figure (default 3)")
@@ -142,6 +150,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(a.stages) - set(STAGES)
     if unknown:
         p.error(f"unknown stages {sorted(unknown)}; choose from {', '.join(STAGES)}")
+    asked = [f for f in a.formats.replace(" ", "").split(",") if f]
+    if set(asked) - set(FORMATS):
+        p.error(f"unknown formats {sorted(set(asked) - set(FORMATS))}; choose from {', '.join(FORMATS)}")
+    a.formats = ("script", *(f for f in FORMATS[1:] if f in asked))
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible to torch here")
     if a.precision == "fp16" and not a.device.startswith("cuda"):
@@ -187,6 +199,21 @@ def _loadavg() -> list[float] | None:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
+
+
+def network_info(w: Workload) -> dict:
+    """What the network file is: its format, size, load time here, and what its export recorded."""
+    e = w.card.export
+    return {
+        "file": str(w.network),
+        "mb": round(w.network.stat().st_size / 1e6, 1),
+        "load_s": round(w.load_s, 3),
+        "compile_s": e.get("compile_seconds"),
+        "device": e.get("device"),
+        "precision": e.get("precision"),
+        "parity_max_abs_diff": (e.get("parity") or {}).get("max_abs_diff"),
+        "parity_tolerance": (e.get("parity") or {}).get("tolerance"),
+    }
 
 
 def _interrupt(signum, frame) -> None:
@@ -236,11 +263,17 @@ def run(a: argparse.Namespace, argv: list[str] | None = None) -> dict:
         "requests_per_repeat": a.requests,
         "images": a.images,
         "image_side": a.image_side,
+        "formats": list(a.formats),
     }
     export_dir, origin = resolve_export(a, progress)
     progress.note(f"model {export_dir} ({origin}); preparing {a.images} images")
     images = make_images(a.images, a.image_side, a.seed)
     w = prepare(export_dir, images, a.batches, device, a.precision, a.channels_last)
+    more = [
+        prepare(network_for(export_dir, f, device, a.precision, progress), images, a.batches, device,
+                a.precision, a.channels_last)
+        for f in a.formats[1:]
+    ]  # fmt: skip
     cfg = w.cfg
     meta["export_dir"] = str(export_dir)
     meta["model"] = {
@@ -253,6 +286,8 @@ def run(a: argparse.Namespace, argv: list[str] | None = None) -> dict:
         "max_det_per_image": cfg["max_det_per_image"],
     }
     results: dict = {"meta": meta}
+    if more:
+        results["formats"] = {x.fmt: network_info(x) for x in (w, *more)}
     failures: dict[str, str] = {}
 
     def stage(name: str, fn) -> None:
@@ -276,9 +311,10 @@ def run(a: argparse.Namespace, argv: list[str] | None = None) -> dict:
             out_dir / "serve",
             progress,
             null_configs=a.null_configs if "null" in a.stages else (),
+            more=more,
         )
         if "served" in a.stages:
-            results["served"] = [e for e in entries if e["kind"] == "model"]
+            results["served"] = [e for e in entries if e["kind"] == "model"]  # every format, by "format"
         if "null" in a.stages:
             results["null_handler"] = [e for e in entries if e["kind"] == "null"]
 
@@ -287,15 +323,24 @@ def run(a: argparse.Namespace, argv: list[str] | None = None) -> dict:
             w, a.batches, a.repeats, a.warmup, progress
         )
 
+    def model() -> None:
+        by_format = bench_models({x.fmt: x for x in (w, *more)}, a.batches, a.repeats, a.warmup, progress)
+        results["model"] = by_format.pop(w.fmt)
+        for fmt, rows in by_format.items():
+            results["formats"][fmt]["model"] = rows
+
+    def handler() -> None:
+        results["handler"] = bench_handler(w, a.batches, a.repeats, a.warmup, progress, a.threads, a.decode)
+        for x in more:
+            results["formats"][x.fmt]["handler"] = bench_handler(
+                x, a.batches, a.repeats, a.warmup, progress, a.threads, a.decode
+            )
+
     runners = {
-        "model": lambda: results.__setitem__(
-            "model", bench_model(w, a.batches, a.repeats, a.warmup, progress)
-        ),
+        "model": model,
         "effdet": effdet,
         "post": lambda: results.__setitem__("post", bench_post(w, a.batches, a.repeats, a.warmup, progress)),
-        "handler": lambda: results.__setitem__(
-            "handler", bench_handler(w, a.batches, a.repeats, a.warmup, progress, a.threads, a.decode)
-        ),
+        "handler": handler,
         "fp16": lambda: results.__setitem__("fp16", bench_fp16(w, progress)),
     }
     for name in ("model", "effdet", "post", "handler", "fp16"):

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import statistics
-import threading
 import time
 from collections.abc import Callable, Sequence
 
 from scripts.bench.timing import percentile
+from scripts.client import Client
+from scripts.load import Images, Traffic
 
 
 class ProcessCPU:
@@ -39,8 +40,14 @@ class ProcessCPU:
             return None
 
 
+def has_detections(key: str, body: dict) -> str | None:
+    """A 200 must carry a detection answer (the model's, or the null handler's constant one)."""
+    return None if isinstance(body, dict) and "detections" in body else "no detections in the answer"
+
+
 def run_load(
-    make_sender: Callable[[], Callable[[bytes], object]],
+    make_client: Callable[[], Client],
+    model: str,
     payloads: Sequence[bytes],
     concurrency: int,
     total: int,
@@ -48,54 +55,30 @@ def run_load(
 ) -> dict:
     """Closed loop: ``concurrency`` threads send ``total`` requests back to back between them.
 
-    ``make_sender()`` is called once per thread and returns ``send(body) -> status``; status 200 is
-    a success, anything else (another status, an exception's name) a failure. The client's own CPU
-    time (all its threads, ``time.process_time``) is reported against the wall time.
+    The project's one traffic loop (``scripts.load.Traffic`` with a request limit), each thread
+    with its own client from ``make_client`` (the bench passes one without retries, so that a
+    failed request counts). A 200 without a detection answer is a failure ("wrong answer"), as is
+    any other status or an exception (its class name). The client's own CPU time (all its
+    threads, ``time.process_time``) is reported against the wall time.
     """
-    counts = [total // concurrency + (i < total % concurrency) for i in range(concurrency)]
-    barrier = threading.Barrier(concurrency + 1)
-    latencies: list[list[float]] = [[] for _ in range(concurrency)]
-    statuses: list[dict] = [{} for _ in range(concurrency)]
-
-    def worker(i: int) -> None:
-        try:
-            send = make_sender()
-        finally:
-            barrier.wait()
-        for k in range(counts[i]):
-            body = payloads[(i + k * concurrency) % len(payloads)]
-            t = time.perf_counter()
-            try:
-                status = send(body)
-            except Exception as e:  # connection refused, timeout: a failed request
-                status = type(e).__name__
-            dt = time.perf_counter() - t
-            statuses[i][status] = statuses[i].get(status, 0) + 1
-            if status == 200:
-                latencies[i].append(1000.0 * dt)
-
-    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(concurrency)]
-    for t in threads:
-        t.start()
-    barrier.wait()
+    traffic = Traffic(
+        make_client, model, Images.cycle(payloads), threads=concurrency, check=has_detections, limit=total
+    )
     srv0 = server_cpu.sample() if server_cpu else None
     cpu0, t0 = time.process_time(), time.perf_counter()
-    for t in threads:
-        t.join()
+    traffic.start()
+    traffic.wait()
     wall = time.perf_counter() - t0
     cpu = time.process_time() - cpu0
     srv1 = server_cpu.sample() if server_cpu else None
-    merged: dict = {}
-    for s in statuses:
-        for k, v in s.items():
-            merged[str(k)] = merged.get(str(k), 0) + v
-    lat = [x for part in latencies for x in part]
+    outcomes = traffic.snapshot()
+    lat = [1000.0 * o.latency for o in outcomes if o.ok]
     out = {
         "concurrency": concurrency,
         "requests": total,
         "ok": len(lat),
         "failed": total - len(lat),
-        "statuses": merged,
+        "statuses": traffic.summary()["by_status"],
         "wall_s": wall,
         "throughput": len(lat) / wall if wall > 0 else 0.0,
         "latencies_ms": lat,

@@ -18,8 +18,7 @@ def ratios(results: dict) -> dict:
         key: max((r["images_per_s"] for r in results.get(key) or []), default=None)
         for key in ("model", "effdet", "handler")
     }
-    served_points = [p for s in results.get("served") or [] for p in s["points"] if p["failed"] == 0]
-    best_point = max(served_points, key=lambda p: p["throughput"], default=None)
+    best_point = best_served_point(results, "script")
     served_best = best_point["throughput"] if best_point else None
     null_points = [p for s in results.get("null_handler") or [] for p in s["points"] if p["failed"] == 0]
     null_best = max((p["throughput"] for p in null_points), default=None)
@@ -27,22 +26,19 @@ def ratios(results: dict) -> dict:
     post = results.get("post") or []
     post_big = max(post, key=lambda r: r["batch"]) if post else None
 
-    def div(a, b):
-        return a / b if a is not None and b else None
-
     out = {
         "ceiling_images_per_s": best["model"],
         "effdet_best_images_per_s": best["effdet"],
         "handler_best_images_per_s": best["handler"],
         "served_best_images_per_s": served_best,
         "null_handler_best_images_per_s": null_best,
-        "served_over_ceiling": div(served_best, best["model"]),
+        "served_over_ceiling": _div(served_best, best["model"]),
         # the served model can go no faster than the network alone nor than TorchServe with no model
-        "served_over_limit": div(served_best, min(limits)) if limits else None,
-        "served_best_p99_over_p50": div(best_point["p99_ms"], best_point["p50_ms"]) if best_point else None,
-        "handler_over_ceiling": div(best["handler"], best["model"]),
-        "served_over_handler": div(served_best, best["handler"]),
-        "ceiling_over_effdet": div(best["model"], best["effdet"]),
+        "served_over_limit": _div(served_best, min(limits)) if limits else None,
+        "served_best_p99_over_p50": _div(best_point["p99_ms"], best_point["p50_ms"]) if best_point else None,
+        "handler_over_ceiling": _div(best["handler"], best["model"]),
+        "served_over_handler": _div(served_best, best["handler"]),
+        "ceiling_over_effdet": _div(best["model"], best["effdet"]),
         "post_speedup": post_big["speedup"] if post_big else None,
         "post_speedup_served": post_big["speedup_served"] if post_big else None,
         "post_speedup_batch": post_big["batch"] if post_big else None,
@@ -111,7 +107,50 @@ def ratios(results: dict) -> dict:
             }
         )
     out["targets"] = targets
+    if results.get("formats"):
+        out["formats"] = format_ratios(results)
     return out
+
+
+def best_served_point(results: dict, fmt: str) -> dict | None:
+    """The highest-throughput served point of a format with no failed request."""
+    points = [
+        p
+        for e in results.get("served") or []
+        if e.get("format", "script") == fmt
+        for p in e["points"]
+        if p["failed"] == 0
+    ]
+    return max(points, key=lambda p: p["throughput"], default=None)
+
+
+def format_ratios(results: dict) -> dict:
+    """Each network format side by side: its best ceiling, handler and served figures, against
+    its own ceiling and against TorchScript's (measured in the same run)."""
+    out = {}
+    for fmt, info in results["formats"].items():
+        rows = {key: results.get(key) if fmt == "script" else info.get(key) for key in ("model", "handler")}
+        best = {key: max((r["images_per_s"] for r in v or []), default=None) for key, v in rows.items()}
+        point = best_served_point(results, fmt)
+        out[fmt] = {
+            "mb": info["mb"],
+            "load_s": info["load_s"],
+            "compile_s": info["compile_s"],
+            "ceiling_images_per_s": best["model"],
+            "handler_best_images_per_s": best["handler"],
+            "served_best_images_per_s": point["throughput"] if point else None,
+            "served_best_p99_over_p50": point["p99_ms"] / point["p50_ms"] if point else None,
+        }
+    script = out["script"]
+    for r in out.values():
+        r["served_over_ceiling"] = _div(r["served_best_images_per_s"], r["ceiling_images_per_s"])
+        for key in ("ceiling", "handler_best", "served_best"):
+            r[f"{key}_over_script"] = _div(r[f"{key}_images_per_s"], script[f"{key}_images_per_s"])
+    return out
+
+
+def _div(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
@@ -189,6 +228,45 @@ def report(results: dict) -> str:
             continue
         table_rows = [(r["batch"], r["images_per_s"], r["ms_per_image"], 1000 * r["median_s"]) for r in rows]
         parts.append(f"\n{titles[key]}\n" + table(("batch", "img/s", "ms/img", "ms/batch"), table_rows))
+    if results.get("formats"):
+        fr = (
+            results["ratios"]["formats"] if "formats" in results.get("ratios", {}) else format_ratios(results)
+        )
+        parts.append(
+            "\nnetwork formats side by side (in-process figures measured taking turns; x script = against "
+            "TorchScript in this run)\n"
+            + table(
+                (
+                    "format",
+                    "MB",
+                    "compile s",
+                    "load s",
+                    "ceiling img/s",
+                    "x script",
+                    "handler img/s",
+                    "served img/s",
+                    "x script",
+                    "served/ceiling",
+                    "p99/p50",
+                ),
+                [
+                    (
+                        fmt,
+                        r["mb"],
+                        r["compile_s"],
+                        r["load_s"],
+                        r["ceiling_images_per_s"],
+                        r["ceiling_over_script"],
+                        r["handler_best_images_per_s"],
+                        r["served_best_images_per_s"],
+                        r["served_best_over_script"],
+                        r["served_over_ceiling"],
+                        r["served_best_p99_over_p50"],
+                    )
+                    for fmt, r in fr.items()
+                ],
+            )  # fmt: skip
+        )
     for entry in results.get("served") or []:
         rep = entry["reported"]
         rows = [
@@ -205,8 +283,9 @@ def report(results: dict) -> str:
             )
             for p in entry["points"]
         ]
+        fmt = entry.get("format", "script")
         parts.append(
-            f"\n5. served over HTTP: batchSize {entry['batch_size']}, maxBatchDelay {entry['max_batch_delay']} ms, "
+            f"\n5. served over HTTP{'' if fmt == 'script' else f' ({fmt})'}: batchSize {entry['batch_size']}, maxBatchDelay {entry['max_batch_delay']} ms, "
             f"{entry['workers']} worker(s) (server reports {rep['batchSize']}/{rep['maxBatchDelay']}/{rep['workers']})\n"
             + table(
                 (
@@ -278,6 +357,13 @@ def ratio_lines(r: dict) -> str:
     lines.append(
         f"  p99 / p50             {_ratio(r.get('served_best_p99_over_p50'))} at the best served point"
     )
+    for fmt, f in (r.get("formats") or {}).items():
+        if fmt != "script":
+            lines.append(
+                f"  {fmt} / script".ljust(24)
+                + f"ceiling {_ratio(f['ceiling_over_script'])}, handler {_ratio(f['handler_best_over_script'])}, "
+                f"served {_ratio(f['served_best_over_script'])} (served / its ceiling {_ratio(f['served_over_ceiling'])})"
+            )
     for t in r["targets"]:
         lines.append(
             f"  target: {t['target']}: {t['value']:.2f} -> {'MET' if t['met'] else 'MISSED'}"
@@ -318,6 +404,16 @@ def plot(results: dict, path: Path) -> Path:
         rows = results.get(key) or []
         if rows:
             ax.plot([r["batch"] for r in rows], [r["images_per_s"] for r in rows], "o-", label=label)
+    for fmt, info in (results.get("formats") or {}).items():
+        for key, label in curves:
+            rows = info.get(key) or []
+            if rows:
+                ax.plot(
+                    [r["batch"] for r in rows],
+                    [r["images_per_s"] for r in rows],
+                    "x--",
+                    label=f"{label}, {fmt}",
+                )
     ax.set(xlabel="batch size", ylabel="images / s", title="in-process throughput vs batch size")
     _batch_axis(ax, batches)
     if ax.lines:
@@ -343,6 +439,8 @@ def plot(results: dict, path: Path) -> Path:
     for entry in served:
         pts = entry["points"]
         label = f"b{entry['batch_size']} d{entry['max_batch_delay']} w{entry['workers']}"
+        if entry.get("format", "script") != "script":
+            label += f" {entry['format']}"
         ax.plot([p["concurrency"] for p in pts], [p["throughput"] for p in pts], "o-", label=label)
     r = results.get("ratios", {})
     if served:
@@ -364,8 +462,9 @@ def plot(results: dict, path: Path) -> Path:
         labels, pcts = [], {"p50": [], "p90": [], "p99": []}
         for entry in served:
             for p in entry["points"]:
+                fmt = "" if entry.get("format", "script") == "script" else f" {entry['format']}"
                 labels.append(
-                    f"b{entry['batch_size']}d{entry['max_batch_delay']}w{entry['workers']}\nc{p['concurrency']}"
+                    f"b{entry['batch_size']}d{entry['max_batch_delay']}w{entry['workers']}{fmt}\nc{p['concurrency']}"
                 )
                 for k, v in pcts.items():
                     v.append(p[f"{k}_ms"])

@@ -13,6 +13,7 @@ from scripts.bench.load import ProcessCPU, aggregate, run_load
 from scripts.bench.parity import BenchError
 from scripts.bench.timing import Progress
 from scripts.bench.workload import Workload
+from scripts.client import NO_RETRY, Client
 
 
 class ServedSetting(NamedTuple):
@@ -23,29 +24,21 @@ class ServedSetting(NamedTuple):
     workers: int
 
 
+def _named(name: str, w: Workload) -> str:
+    """The served model's name: ``name`` for TorchScript, ``name_<format>`` for another format."""
+    return name if w.fmt == "script" else f"{name}_{w.fmt}"
+
+
 def model_name(name: str, setting: ServedSetting) -> str:
     b, d, n = setting
     return f"{name}_b{b}_d{d}_w{n}"
 
 
-def torchserve_sender(server, model: str, timeout: float = 120) -> Callable[[], Callable[[bytes], object]]:
-    from scripts.client import NO_RETRY, Client
-
-    def make():
-        # no retries: a lost or failed request must count as one in the bench's figures
-        client = Client(
-            server.inference_url, server.management_url, server.key_file, timeout=timeout, retry=NO_RETRY
-        )
-
-        def send(body: bytes):
-            r = client.predict(model, body)
-            if r.status_code == 200 and "detections" not in r.json():
-                return "bad_body"
-            return r.status_code
-
-        return send
-
-    return make
+def bench_client(server, timeout: float = 120) -> Callable[[], Client]:
+    """Clients for the load threads: no retries, so a lost or failed request counts as one in the figures."""
+    return lambda: Client(
+        server.inference_url, server.management_url, server.key_file, timeout=timeout, retry=NO_RETRY
+    )
 
 
 def _wait_gone(client, model: str, timeout: float = 60) -> None:
@@ -75,15 +68,17 @@ def bench_served(
     workdir: Path,
     progress: Progress,
     null_configs: Sequence[ServedSetting] = (),
+    more: Sequence[Workload] = (),
 ) -> list[dict]:
     """Archive one .mar per setting, start one TorchServe, register them one at a time and load each.
 
-    ``null_configs``: the same load against the null handler (``null_handler.py``, a constant
-    answer, no model) with those settings, after the model's: the frontend + worker IPC limit.
-    Entries say which they are in ``kind`` ("model" or "null").
+    ``more``: the same model in other network formats, each served at every setting right after
+    ``w`` (entries say which in ``format``). ``null_configs``: the same load against the null
+    handler (``null_handler.py``, a constant answer, no model) with those settings, after the
+    model's: the frontend + worker IPC limit. Entries say which they are in ``kind`` ("model" or
+    "null").
     """
     from scripts.archive import ModelConfig, archive
-    from scripts.client import Client
     from scripts.serve import Server
 
     workdir = Path(workdir)
@@ -92,25 +87,29 @@ def bench_served(
         shutil.rmtree(store)
     store.mkdir(parents=True)
     cuda = w.device.type == "cuda"
-    progress.stage("5/5 served: archiving", len(configs) + len(null_configs))
+    formats = [w, *more]
+    jobs = [
+        ("model", f, setting, model_name(_named(name, f), setting)) for setting in configs for f in formats
+    ]
+    jobs += [("null", None, setting, model_name(NULL_NAME, setting)) for setting in null_configs]
+    progress.stage("5/5 served: archiving", len(jobs))
     mars = {}
-    jobs = [("model", setting) for setting in configs] + [("null", setting) for setting in null_configs]
-    for setting in null_configs:
-        mars[("null", setting)] = archive_null(model_name(NULL_NAME, setting), store, setting, cuda)
-        progress.tick(model_name(NULL_NAME, setting))
-    for setting in configs:
+    for kind, f, setting, model in jobs:
         b, d, n = setting
-        mc = ModelConfig(
-            batch_size=b,
-            max_batch_delay=d,
-            min_workers=n,
-            max_workers=n,
-            device_type="gpu" if cuda else "cpu",
-            precision=w.precision,
-            torch_threads=None if cuda else max(1, threads // n),
-        )
-        mars[("model", setting)] = archive(w.export_dir, model_name(name, setting), "1.0", store, mc)
-        progress.tick(model_name(name, setting))
+        if kind == "null":
+            mars[model] = archive_null(model, store, setting, cuda)
+        else:
+            mc = ModelConfig(
+                batch_size=b,
+                max_batch_delay=d,
+                min_workers=n,
+                max_workers=n,
+                device_type="gpu" if cuda else "cpu",
+                precision=f.precision,
+                torch_threads=None if cuda else max(1, threads // n),
+            )
+            mars[model] = archive(f.export_dir, model, "1.0", store, mc)
+        progress.tick(model)
     progress.end()
 
     server = Server(workdir / "ts", store, free_ports=True)
@@ -122,12 +121,12 @@ def bench_served(
         cpu = ProcessCPU(_server_pid(server))
         per_point = 1 + repeats
         progress.stage("5/5 served", len(jobs) * len(concurrencies) * per_point)
-        for kind, setting in jobs:
+        for kind, f, setting, model in jobs:
             b, d, n = setting
-            mar = mars[(kind, setting)]
-            model = model_name(name if kind == "model" else NULL_NAME, setting)
+            mar = mars[model]
             entry = {
                 "kind": kind,
+                "format": f.fmt if f is not None else None,
                 "batch_size": b,
                 "max_batch_delay": d,
                 "workers": n,
@@ -146,15 +145,15 @@ def bench_served(
                 "maxBatchDelay": desc.get("maxBatchDelay"),
                 "workers": len(desc.get("workers", [])),
             }
-            sender = torchserve_sender(server, model)
+            clients = bench_client(server)
             try:
                 for c in concurrencies:
                     # warm-up: TorchScript optimises per input shape, batches of every size must pass
-                    run_load(sender, w.images, c, max(2 * c, 3 * b * n))
+                    run_load(clients, model, w.images, c, max(2 * c, 3 * b * n))
                     progress.tick(f"{model} c={c} warm-up")
                     reps = []
                     for _ in range(repeats):
-                        reps.append(run_load(sender, w.images, c, max(requests, c), cpu))
+                        reps.append(run_load(clients, model, w.images, c, max(requests, c), cpu))
                         progress.tick(f"{model} c={c}")
                     entry["points"].append(aggregate(reps))
             finally:

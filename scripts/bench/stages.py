@@ -16,22 +16,34 @@ from scripts.bench.parity import (
     ours_postprocess,
     tie_horizon,
 )
-from scripts.bench.timing import Progress, measure, measure_pair, summarize
+from scripts.bench.timing import Progress, measure, measure_pair, measure_turns, summarize
 from scripts.bench.workload import Workload, _to_channels_last, cycle
 
 
 def bench_model(w: Workload, batches, repeats, warmup, progress: Progress) -> list[dict]:
-    """The TorchScript network alone (fp16 / channels_last as asked): the ceiling."""
-    model = w.detector.model  # in the workload's precision and memory format
-    progress.stage("1/5 model only", len(batches) * (repeats + warmup))
-    out = []
+    """The network alone (fp16 / channels_last as asked): the ceiling."""
+    return bench_models({w.fmt: w}, batches, repeats, warmup, progress)[w.fmt]
+
+
+def bench_models(
+    workloads: dict[str, Workload], batches, repeats, warmup, progress: Progress
+) -> dict[str, list[dict]]:
+    """The network alone in each format, the formats taking turns call by call (a busy machine
+    slows them alike): the ceiling of each, by format."""
+    progress.stage("1/5 model only", len(batches) * (repeats + warmup) * len(workloads))
+    out: dict[str, list[dict]] = {fmt: [] for fmt in workloads}
     for b in batches:
-        x = _to_channels_last(w.inputs[b][0], w.channels_last)
+        calls = {}
+        for fmt, w in workloads.items():
+            x = _to_channels_last(w.inputs[b][0], w.channels_last)
+            calls[fmt] = lambda model=w.detector.model, x=x: model(x)
         with torch.inference_mode():
-            secs = measure(
-                lambda x=x: model(x), repeats, warmup, w.device, lambda b=b: progress.tick(f"b={b}")
-            )
-        out.append(summarize(b, secs))
+            secs = measure_turns(
+                calls, repeats, warmup, next(iter(workloads.values())).device,
+                lambda fmt, b=b: progress.tick(f"{fmt} b={b}"),
+            )  # fmt: skip
+        for fmt, s in secs.items():
+            out[fmt].append(summarize(b, s))
     progress.end()
     return out
 
@@ -163,7 +175,7 @@ def make_handler(w: Workload, threads: int | None, decode: str = "auto"):
         "model": {
             "modelName": "bench",
             "modelVersion": "1.0",
-            "serializedFile": "model.pt",
+            "serializedFile": w.network.name,
             "handler": "effdet_handler.py",
         }
     }
@@ -242,7 +254,7 @@ def bench_fp16(w: Workload, progress: Progress) -> dict:
     progress.stage("fp16 vs fp32", 2)
     answers = {}
     for precision in ("fp32", "fp16"):
-        det = Detector(w.export_dir / "model.pt", device=w.device, precision=precision)
+        det = Detector(w.network, device=w.device, precision=precision)
         answers[precision] = [
             r
             for i in range(0, len(w.images), 8)

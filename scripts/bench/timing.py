@@ -89,16 +89,28 @@ def measure_pair(
     tick: Callable[[str], None] = lambda side: None,
 ) -> tuple[list[float], list[float]]:
     """``measure`` for two functions, alternating a, b, a, b...: a drift in machine load hits both."""
-    out: tuple[list[float], list[float]] = ([], [])
+    a, b = measure_turns({"a": fn_a, "b": fn_b}, repeats, warmup, device, tick).values()
+    return a, b
+
+
+def measure_turns(
+    fns: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int,
+    device: torch.device,
+    tick: Callable[[str], None] = lambda name: None,
+) -> dict[str, list[float]]:
+    """``measure`` for several functions taking turns (a, b, c, a, b, c...), seconds per call by name."""
+    out: dict[str, list[float]] = {name: [] for name in fns}
     for i in range(warmup + repeats):
-        for side, fn, seconds in (("a", fn_a, out[0]), ("b", fn_b, out[1])):
+        for name, fn in fns.items():
             sync(device)
             t = time.perf_counter()
             fn()
             sync(device)
             if i >= warmup:
-                seconds.append(time.perf_counter() - t)
-            tick(side)
+                out[name].append(time.perf_counter() - t)
+            tick(name)
     return out
 
 

@@ -1,16 +1,20 @@
-"""What every stage runs on: one exported model (trained, given, or random) and one set of JPEGs."""
+"""What every stage runs on: one exported model (trained, given, or random), in one or more network
+formats, and one set of JPEGs."""
 
 from __future__ import annotations
 
 import argparse
 import io
 import random
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from handler.card import ModelCard
+from handler.network import load_network, network_format
 from scripts.bench.timing import Progress, sync
 from scripts.paths import ROOT
 
@@ -157,36 +161,51 @@ def cycle(items: Sequence, n: int) -> list:
 
 @dataclass
 class Workload:
-    """One model and one set of images, prepared once for every stage."""
+    """One network file and one set of images, prepared once for every stage."""
 
-    export_dir: Path
-    card: dict
+    network: Path  # model.pt (TorchScript) or model.pt2 (AOTInductor), model.json beside it
+    card: ModelCard
     device: torch.device
     precision: str
-    channels_last: bool
+    channels_last: bool  # as the detector runs it (an AOTInductor package takes contiguous input)
     images: list[bytes]
     detector: object  # handler.detector.Detector
     inputs: dict  # batch -> (batch tensor, img_scale, img_size)
-    heads: dict  # batch -> (cls outputs, box outputs) of the TorchScript network
-    heads32: dict  # the same from the fp32 network (``heads`` itself unless fp16)
+    heads: dict  # batch -> (cls outputs, box outputs) of the network
+    heads32: dict | None  # the same from the fp32 TorchScript network (``heads`` itself unless fp16)
+    load_s: float  # seconds to load the network file here
 
     @property
     def cfg(self) -> dict:
         return self.card.effdet_config
 
+    @property
+    def export_dir(self) -> Path:
+        return self.network.parent
+
+    @property
+    def fmt(self) -> str:
+        return network_format(self.network)
+
 
 def prepare(
-    export_dir: Path,
+    model: Path,
     images: list[bytes],
     batches: Sequence[int],
     device: torch.device,
     precision: str = "fp32",
     channels_last: bool = False,
 ) -> Workload:
-    """Decode and letterbox the images once per batch size; record the network's head outputs."""
+    """Decode and letterbox the images once per batch size; record the network's head outputs.
+
+    ``model``: a network file, or an export directory (its model.pt)."""
     from handler.detector import Detector
 
-    det = Detector(export_dir / "model.pt", device=device, precision=precision, channels_last=channels_last)
+    network = Path(model) / "model.pt" if Path(model).is_dir() else Path(model)
+    t = time.perf_counter()
+    load_network(network, device, torch.float16 if precision == "fp16" else torch.float32)
+    load_s = time.perf_counter() - t
+    det = Detector(network, device=device, precision=precision, channels_last=channels_last)
     decoded = [det.decode(b) for b in images]
     inputs, heads = {}, {}
     for b in batches:
@@ -194,12 +213,68 @@ def prepare(
         heads[b] = det.forward(inputs[b][0])
     heads32 = heads
     if precision != "fp32":
-        model32 = torch.jit.load(str(export_dir / "model.pt"), map_location=device).eval()
-        with torch.inference_mode():
-            heads32 = {b: model32(inputs[b][0].float()) for b in batches}
+        heads32 = None  # an fp16 AOTInductor package has no fp32 twin in its file
+        if network_format(network) == "script":
+            model32 = load_network(network, device, torch.float32)
+            with torch.inference_mode():
+                heads32 = {b: model32(inputs[b][0].float()) for b in batches}
     sync(device)
     return Workload(
-        export_dir, det.card, device, precision, channels_last, images, det, inputs, heads, heads32
+        network, det.card, device, precision, det.channels_last, images, det, inputs, heads, heads32, load_s
+    )
+
+
+def network_for(export_dir: Path, fmt: str, device: torch.device, precision: str, progress: Progress) -> Path:
+    """The network file of ``fmt`` for the model exported in ``export_dir``.
+
+    TorchScript: its model.pt. AOTInductor: a package of the same checkpoint compiled for this
+    device and precision, taken from beside the export (``<run>/export_aoti``, what
+    ``python -m export CKPT --format aoti`` writes) when one matches, else compiled here into
+    ``<run>/export_aoti_<device>_<precision>`` (minutes: C++) and reused by later runs.
+    """
+    if fmt == "script":
+        return export_dir / "model.pt"
+    from export.core import export
+
+    run = export_dir.parent
+    checkpoint = _checkpoint_of(export_dir)
+    target = run / f"export_aoti_{device.type}_{precision}"
+    for d in (run / "export_aoti", target):
+        if _compiled_from(d, checkpoint, device, precision):
+            return d / "model.pt2"
+    progress.note(
+        f"compiling {checkpoint} with AOTInductor for {device.type} {precision} into {target} (minutes)"
+    )
+    export(checkpoint, target, card_dir=export_dir, fmt="aoti", device=str(device), precision=precision)
+    return target / "model.pt2"
+
+
+def _checkpoint_of(export_dir: Path) -> Path:
+    """The checkpoint the export was made from (model.json says), else ``<run>/best.ckpt``."""
+    recorded = ModelCard.load(export_dir).export.get("checkpoint")
+    candidates = [Path(recorded)] if recorded else []
+    candidates.append(export_dir.parent / "best.ckpt")
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise SystemExit(
+        f"--formats aoti: no checkpoint for {export_dir} (looked for {', '.join(map(str, candidates))}); "
+        "compile the package beside it with `python -m export CKPT --format aoti`"
+    )
+
+
+def _compiled_from(d: Path, checkpoint: Path, device: torch.device, precision: str) -> bool:
+    """``d`` holds a package compiled from ``checkpoint`` (and after it) for this device and precision."""
+    if not (d / "model.pt2").is_file() or not (d / "model.json").is_file():
+        return False
+    e = ModelCard.load(d).export
+    recorded = e.get("checkpoint")
+    return (
+        recorded is not None
+        and Path(recorded).resolve() == checkpoint.resolve()
+        and (d / "model.pt2").stat().st_mtime >= checkpoint.stat().st_mtime
+        and e.get("device") == device.type
+        and e.get("precision") == precision
     )
 
 
