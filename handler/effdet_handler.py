@@ -20,7 +20,7 @@ from ts.torch_handler.base_handler import BaseHandler
 from handler.card import ModelCard
 from handler.decode import DEFAULT_MAX_PIXELS, FORMATS, RequestError
 from handler.detector import Detector, bucket_sizes
-from handler.request import REQUEST_ID_ECHO_HEADER, Params, parse_params, request_id, split_request
+from handler.request import REQUEST_ID_ECHO_HEADER, Params, header, parse_params, request_id, split_request
 
 logger = logging.getLogger(__name__)
 
@@ -191,16 +191,12 @@ class EffDetHandler(BaseHandler):
         return json.dumps(self.describe_card())
 
     def _header(self, idx: int, name: str) -> str | None:
-        """Request header ``name`` of row ``idx``, by case-insensitive name (TorchServe keeps the
-        client's spelling; form fields share the mapping with dict values, skipped here)."""
+        """Request header ``name`` of row ``idx`` (any case)."""
         try:
             headers = self.context.get_all_request_header(idx) or {}
         except (AttributeError, IndexError, KeyError, TypeError):
             return None
-        for key, value in headers.items():
-            if isinstance(key, str) and key.lower() == name and isinstance(value, str):
-                return value
-        return None
+        return header(headers, name)
 
     def _header_is_true(self, idx: int, name: str) -> bool:
         value = self._header(idx, name)

@@ -146,14 +146,21 @@ def valid_request_id(value) -> bool:
     return isinstance(value, str) and REQUEST_ID_CHARS.fullmatch(value) is not None
 
 
+def header(headers: Mapping | None, name: str) -> str | None:
+    """Header ``name`` by case-insensitive name: TorchServe keeps the client's spelling, and its
+    mapping also holds the form fields (dict values), which are skipped."""
+    wanted = name.lower()
+    for key, value in (headers or {}).items():
+        if isinstance(key, str) and key.lower() == wanted and isinstance(value, str):
+            return value
+    return None
+
+
 def request_id(headers: Mapping[str, str] | None, fallback: str | None = None) -> str:
     """The id an answer carries: the caller's ``X-Request-Id`` (any case) if it is safe, else
     ``fallback`` (TorchServe's own id for the request, the one its logs show) if that is safe,
     else a fresh UUID. Lets a caller (or a proxy) match every answer to its request."""
-    wanted = REQUEST_ID_HEADER.lower()
-    for key, value in (headers or {}).items():
-        if isinstance(key, str) and key.lower() == wanted:
-            if valid_request_id(value):
-                return value
-            break
+    value = header(headers, REQUEST_ID_HEADER)
+    if valid_request_id(value):
+        return value
     return fallback if valid_request_id(fallback) else uuid.uuid4().hex
