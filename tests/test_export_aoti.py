@@ -31,9 +31,9 @@ from handler.detector import Detector
 from handler.network import AotiNetwork, load_network, torchscript_on_purpose
 from scripts.archive import ModelConfig, archive
 from scripts.client import Client
+from scripts.paths import ROOT
 from scripts.serve import Server
 
-ROOT = Path(__file__).resolve().parent.parent
 BLOCKED = ("effdet", "timm", "pytorch_lightning", "lightning", "omegaconf", "train", "export")
 TOLERANCE = 1e-4  # the fp32 parity gate, both formats
 

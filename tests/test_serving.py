@@ -40,7 +40,8 @@ from handler.request import valid_request_id
 from scripts.archive import ModelConfig, archive
 from scripts.client import MAX_WORKERS, Client, InvalidArgument
 from scripts.load import Images, Traffic
-from scripts.serve import ROOT, Server
+from scripts.paths import ROOT
+from scripts.serve import Server
 
 pytestmark = pytest.mark.slow
 
