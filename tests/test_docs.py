@@ -384,6 +384,7 @@ def check_scale(
     had = len(before["workers"])
     assert (result["model"], result["workers_before"], result["workers"]) == (ns.model, had, ns.workers), line
     assert result["version_before"] == before["modelVersion"], line
+    print(f"\n{line.doc}:{line.lineno}: {result['method']} {had} -> {ns.workers} in {result['seconds']} s")
     entries = client.describe(ns.model)
     default = client.default_entry(ns.model)
     assert len(default["workers"]) == ns.workers, f"{line}\n{default['workers']}"
