@@ -64,10 +64,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--train-images", type=int, default=400)
     p.add_argument("--val-images", type=int, default=60)
+    # where the outputs go (the repository's runs/ and model_store/ by default, as `make demo`)
+    p.add_argument("--runs", default=str(ROOT / "runs"), help="the run is written to RUNS/NAME")
+    p.add_argument("--model-store", default=str(ROOT / "model_store"), help="the archive goes here")
     a = p.parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)
     started = time.time()
-    run = ROOT / "runs" / a.name
+    run = Path(a.runs) / a.name
+    store = Path(a.model_store)
 
     say(f"1/7 synthetic dataset in {a.data}")
     synthetic.ensure(a.data, a.train_images, a.val_images)
@@ -84,12 +88,10 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     say("4/7 archive with torch-model-archiver")
-    mar = archive(
-        run / "export", a.name, "1.0", ROOT / "model_store", ModelConfig(batch_size=4, max_batch_delay=20)
-    )
+    mar = archive(run / "export", a.name, "1.0", store, ModelConfig(batch_size=4, max_batch_delay=20))
     print(f"wrote {mar}")
 
-    server = Server(run / "serve", ROOT / "model_store", free_ports=True)
+    server = Server(run / "serve", store, free_ports=True)
     try:
         say("5/7 TorchServe up, held-out images over HTTP")
         server.start([f"{a.name}={mar.name}"])
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
                        Images.cycle(images), threads=2)  # fmt: skip
         with load:
             for n_workers in (2, 1):
-                step = client.scale(a.name, n_workers, ROOT / "model_store")
+                step = client.scale(a.name, n_workers, store)
                 workers = client.describe(a.name)[0]["workers"]
                 print(
                     f"scaled {step.workers_before} -> {n_workers} ({step.method}, {step.seconds:.1f} s): "
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
         say("stopping TorchServe")
         server.stop()
         # a scale-down left the model served as its twin version: the file is only needed while served
-        (ROOT / "model_store" / f"{a.name}{TWIN_FILE}.mar").unlink(missing_ok=True)
+        (store / f"{a.name}{TWIN_FILE}.mar").unlink(missing_ok=True)
     print(f"\ndemo done in {(time.time() - started) / 60:.1f} min; artefacts in {run}")
 
 

@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+# The repo root on sys.path first (pytest puts only tests/ there), then the one ROOT the project defines.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from scripts.paths import ROOT  # noqa: E402
+
 os.environ.setdefault("PYTHONPATH", str(ROOT))
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

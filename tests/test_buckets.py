@@ -12,6 +12,7 @@ import torch
 
 from handler.detector import Detector, bucket_sizes
 from handler.geometry import letterbox_batch
+from tests.helpers import count_matched
 
 MAX_BATCH = 8
 
@@ -73,13 +74,7 @@ def alike(got: torch.Tensor, want: torch.Tensor) -> bool:
         box = max(abs(a - b) for a, b in zip(p[:4], q[:4], strict=True))
         return p[5] == q[5] and abs(p[4] - q[4]) <= 2e-5 and box <= 0.05
 
-    free, matched = list(w), 0
-    for p in g:
-        j = next((j for j, q in enumerate(free) if same(p, q)), None)
-        if j is not None:
-            free.pop(j)
-            matched += 1
-    return matched >= 0.95 * len(g)
+    return count_matched(g, w, same) >= 0.95 * len(g)
 
 
 def test_every_batch_size_answers_as_its_images_alone(padded, plain, images, monkeypatch):

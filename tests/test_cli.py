@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -14,9 +16,11 @@ import psutil
 import pytest
 import requests
 import yaml
+from PIL import Image
 
 from scripts.paths import ROOT
 from scripts.serve import Server
+from train.data import check_records, load_coco
 
 pytestmark = pytest.mark.slow
 
@@ -123,3 +127,51 @@ def test_archive_cli_refuses_values_torchserve_would_store(exported, tmp_path, f
     r = run("-m", "scripts.archive", str(exported), "--model-store", str(tmp_path / "store"), *flags)
     assert r.returncode == 2 and r.stderr.startswith("archive failed: ") and message in r.stderr, r.stderr
     assert not (tmp_path / "store").exists() or not list((tmp_path / "store").iterdir())
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    """``python -m scripts.demo`` (what ``make demo`` runs) with tiny settings, its outputs in tmp_path.
+
+    The demo strings the whole chain together, so a regression in how it reads what one step
+    returns (it once read the model card as a dict) slips past the tests of each step. Asserted:
+    what it prints at each step, the picture, and that the repository's runs/ and model_store/
+    get nothing.
+    """
+    name = f"demo_{uuid.uuid4().hex[:8]}"
+    data, runs, store = tmp_path / "data", tmp_path / "runs", tmp_path / "model_store"
+    cmd = [sys.executable, "-m", "scripts.demo", "--name", name, "--epochs", "1", "--train-images", "16",
+           "--val-images", "8", "--data", str(data), "--runs", str(runs), "--model-store", str(store)]  # fmt: skip
+    demo = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = demo.communicate(timeout=900)
+    except subprocess.TimeoutExpired:
+        demo.terminate()  # SIGTERM: the demo stops its TorchServe on the way out
+        out, err = demo.communicate(timeout=120)
+        pytest.fail(f"the demo ran past 900 s\n{out[-3000:]}\n{err[-3000:]}")
+    assert demo.returncode == 0, f"{out[-3000:]}\n{err[-3000:]}"
+
+    assert re.search(r"val mAP@\.5 after training: \d\.\d{3}\n", out), out[-3000:]
+    assert re.search(r"parity max \|diff\| \S+, \d+\.\d MB\n", out), out[-3000:]
+    assert f"wrote {store / name}.mar" in out
+    served = re.search(r"^served over HTTP : mAP@\[\.5:\.95\] (\d\.\d{4})  mAP@\.5 (\d\.\d{4})$", out, re.M)
+    local = re.search(r"^in-process       : mAP@\[\.5:\.95\] (\d\.\d{4})  mAP@\.5 (\d\.\d{4})$", out, re.M)
+    assert served and local and served.groups() == local.groups(), out[-3000:]
+    assert "served == in-process" in out
+
+    picture = runs / name / "demo.png"
+    assert re.search(rf"^\d+ boxes drawn on {re.escape(str(picture))}$", out, re.M), out[-3000:]
+    first = check_records(load_coco(data / "val.json"), name="val").records[0]
+    with Image.open(picture) as drawn, Image.open(first.image) as original:
+        assert drawn.format == "PNG" and drawn.size == original.size
+
+    scaled = re.findall(
+        r"^scaled (\d+) -> (\d+) \((\w+), [\d.]+ s\): version (\S+), workers now (\d+)$", out, re.M
+    )
+    assert scaled == [("1", "2", "scale", "1.0", "2"), ("2", "1", "switch", "1.0-twin", "1")], out[-3000:]
+    summary = ast.literal_eval(re.search(r"^requests during scaling: (\{.*\})$", out, re.M)[1])
+    assert summary["requests"] > 0 and summary["by_status"] == {"200": summary["requests"]}, summary
+    assert summary["unanswered"] == 0
+    assert f"artefacts in {runs / name}" in out
+
+    assert sorted(p.name for p in store.iterdir()) == [f"{name}.mar"]  # the twin archive deleted
+    assert not (ROOT / "runs" / name).exists() and not list((ROOT / "model_store").glob(f"{name}*"))

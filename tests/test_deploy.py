@@ -13,7 +13,6 @@ import base64
 import fnmatch
 import json
 import re
-from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
@@ -21,9 +20,9 @@ import yaml
 from ts.torch_handler.request_envelope.kserve import KServeEnvelope
 
 from handler.request import Params, parse_params, split_request
+from scripts.paths import ROOT
 from scripts.serve import read_config
 
-ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 DOCKERFILE_KEYWORDS = {
     "FROM", "RUN", "CMD", "LABEL", "MAINTAINER", "EXPOSE", "ENV", "ADD", "COPY", "ENTRYPOINT",

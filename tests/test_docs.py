@@ -252,18 +252,14 @@ def curl_walkthrough() -> list[str]:
 def deploy_server(exported, tmp_path):
     """effdet_demo 1.0 served and effdet_demo_v2.mar (version 2.0) in the store, as deploy.md assumes."""
     from scripts.archive import ModelConfig, archive
-    from scripts.serve import Server
+    from tests.helpers import serving
 
     store = tmp_path / "model_store"
     archive(exported, "effdet_demo", "1.0", store, ModelConfig())
     archive(exported, "effdet_demo", "2.0", tmp_path / "v2", ModelConfig())
     (tmp_path / "v2" / "effdet_demo.mar").rename(store / "effdet_demo_v2.mar")
-    srv = Server(tmp_path / "ts", store, free_ports=True)
-    try:
-        srv.start(["effdet_demo=effdet_demo.mar"])
+    with serving(tmp_path / "ts", store, ["effdet_demo=effdet_demo.mar"]) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.mark.slow
@@ -304,3 +300,100 @@ def test_deploy_curl_lines_run_as_written(deploy_server, val_images, tmp_path):
         if "/predictions/" in command and "describe" not in command:
             body = r.stdout[: r.stdout.rindex("HTTP ")].strip()
             assert '"detections"' in body, f"{command}\n{body[:500]}"
+
+
+# -- the scripts.client lines, against a real TorchServe -------------------------------------------
+def json_documents(text: str) -> list[dict]:
+    """The JSON values printed one after another (``json.dumps(..., indent=2)`` each)."""
+    decoder, out, i = json.JSONDecoder(), [], 0
+    while (i := text.find("{", i)) != -1:
+        value, i = decoder.raw_decode(text, i)
+        out.append(value)
+    return out
+
+
+@pytest.mark.slow
+def test_client_commands_run(exported, detector, val_images, tmp_path, monkeypatch):
+    """Each ``python -m scripts.client`` line of the docs, in order, against one TorchServe serving
+    the models the lines name (archives of the conftest's export).
+
+    Only the server is pointed at: ``--inference-url``, ``--management-url`` and ``--key-file``
+    go before the subcommand, ``--model-store`` after a scale line (the server runs on free ports
+    in tmp_path); the rest of each line is as written.
+    """
+    from PIL import Image
+
+    from scripts.archive import ModelConfig, archive
+    from scripts.client import Client
+    from tests.helpers import serving
+
+    cases = [
+        (line, argv, parse_only("scripts.client", argv, monkeypatch))
+        for line, argv in cases_of("scripts.client")
+    ]
+    commands = [ns.cmd for _, _, ns in cases]
+    assert commands.count("predict") >= 1 and commands.count("scale") >= 3, cases
+    models = sorted({ns.model for _, _, ns in cases})
+    store = tmp_path / "model_store"
+    for name in models:
+        archive(exported, name, "1.0", store, ModelConfig())
+    (tmp_path / "a.jpg").write_bytes(val_images[0])
+    with Image.open(tmp_path / "a.jpg") as img:
+        img.save(tmp_path / "b.png")
+    with serving(tmp_path / "ts", store, [f"{m}={m}.mar" for m in models]) as srv:
+        where = ["--inference-url", srv.inference_url, "--management-url", srv.management_url,
+                 "--key-file", str(srv.key_file)]  # fmt: skip
+        client = Client(srv.inference_url, srv.management_url, srv.key_file)
+        for line, argv, ns in cases:
+            if ns.cmd == "predict":
+                out = run_as_written("scripts.client", [*where, *argv], {}, tmp_path)
+                check_predict(line, json_documents(out), ns, detector, tmp_path)
+            elif ns.cmd == "scale":
+                before = client.default_entry(ns.model)
+                out = run_as_written(
+                    "scripts.client", [*where, *argv, "--model-store", str(store)], {}, tmp_path
+                )
+                check_scale(line, json_documents(out), ns, before, client, store)
+            else:
+                pytest.fail(f"{line}: no check for `scripts.client {ns.cmd}` here: add one")
+
+
+def check_predict(line: DocLine, answers: list[dict], ns: argparse.Namespace, detector, cwd: Path) -> None:
+    """One JSON answer per file, in order, each the in-process answer; the first drawn as a PNG."""
+    from PIL import Image
+
+    assert [a["file"] for a in answers] == [str(p) for p in ns.images], f"{line}\n{answers}"
+    for answer in answers:
+        assert answer["status"] == 200 and answer["model"]["name"] == ns.model, f"{line}\n{answer}"
+        data = (cwd / answer["file"]).read_bytes()
+        want = detector.predict([data], ns.score_threshold, ns.iou_threshold, ns.max_detections)[0]
+        assert {k: answer[k] for k in ("image", "detections")} == want, line
+    if ns.draw:
+        with Image.open(cwd / ns.draw) as drawn, Image.open(cwd / ns.images[0]) as first:
+            assert drawn.format == "PNG" and drawn.size == first.size, line
+
+
+def check_scale(
+    line: DocLine, printed: list[dict], ns: argparse.Namespace, before: dict, client, store: Path
+) -> None:
+    """Up: TorchServe's call on the default version. Down: the default switched to the twin version
+    with the new count, the old version unregistered."""
+    from scripts.client import twin_of
+
+    [result] = printed
+    had = len(before["workers"])
+    assert (result["model"], result["workers_before"], result["workers"]) == (ns.model, had, ns.workers), line
+    assert result["version_before"] == before["modelVersion"], line
+    print(f"\n{line.doc}:{line.lineno}: {result['method']} {had} -> {ns.workers} in {result['seconds']} s")
+    entries = client.describe(ns.model)
+    default = client.default_entry(ns.model)
+    assert len(default["workers"]) == ns.workers, f"{line}\n{default['workers']}"
+    assert all(w["status"] == "READY" for w in default["workers"]), f"{line}\n{default['workers']}"
+    if ns.workers >= had:
+        assert result["method"] == "scale" and result["version"] == before["modelVersion"], line
+        assert [e["modelVersion"] for e in entries] == [before["modelVersion"]], line
+    else:
+        twin_version, twin_file = twin_of(before["modelVersion"], before["modelUrl"])
+        assert result["method"] == "switch" and result["version"] == twin_version, line
+        assert [e["modelVersion"] for e in entries] == [twin_version], line  # the old version is gone
+        assert default["modelVersion"] == twin_version and (store / twin_file).is_file(), line

@@ -5,39 +5,23 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
 from export.core import ExportError, build_eager, export, load_weights
+from tests.helpers import run_without_training_stack
 from train.config import build_config, model_card
 from train.module import EffDetModule
 
-# Runs in a fresh interpreter where effdet, timm and lightning cannot be imported.
-LOAD_WITHOUT_EFFDET = textwrap.dedent(
-    """
-    import importlib.abc, json, sys
-    BLOCKED = ("effdet", "timm", "pytorch_lightning", "lightning", "omegaconf", "train", "export")
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in BLOCKED:
-                raise ImportError(f"blocked: {name}")
-    sys.meta_path.insert(0, Block())
-    import torch
-    for name in BLOCKED:
-        try:
-            __import__(name)
-            raise SystemExit(f"{name} importable")
-        except ImportError:
-            pass
+# Runs where effdet, timm and Lightning cannot be imported: TorchScript alone must load the model.
+LOAD_SCRIPTED = """
     model = torch.jit.load(sys.argv[1], map_location="cpu").eval()
     size = json.loads(sys.argv[2])
     cls, box = model(torch.zeros(1, 3, *size))
     print(json.dumps({"levels": len(cls), "cls": list(cls[0].shape), "box": list(box[0].shape)}))
-    """
-)
+"""
 
 
 def make_run(tmp: Path, num_classes: int, image_size: int, seed: int = 0) -> Path:
@@ -53,17 +37,6 @@ def make_run(tmp: Path, num_classes: int, image_size: int, seed: int = 0) -> Pat
     )
     model_card(run.name, cfg, classes).save(run / "model.json")
     return run
-
-
-def load_without_effdet(pt: Path, size: list[int]) -> dict:
-    proc = subprocess.run(
-        [sys.executable, "-c", LOAD_WITHOUT_EFFDET, str(pt), json.dumps(size)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize(
@@ -88,7 +61,7 @@ def test_export_saves_reloads_without_effdet_and_matches_eager(tmp_path, method,
     for r, g in zip([*ref[0], *ref[1]], [*got[0], *got[1]], strict=True):
         assert (r - g).abs().max() <= 1e-4
 
-    shapes = load_without_effdet(pt, [image_size, image_size])
+    shapes = run_without_training_stack(LOAD_SCRIPTED, str(pt), json.dumps([image_size, image_size]))
     assert shapes["levels"] == 5
     assert shapes["cls"] == [1, 9 * num_classes, image_size // 8, image_size // 8]
     assert shapes["box"] == [1, 36, image_size // 8, image_size // 8]

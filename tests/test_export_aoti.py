@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import textwrap
 import warnings
 import zipfile
 from dataclasses import replace
@@ -31,10 +30,9 @@ from handler.detector import Detector
 from handler.network import AotiNetwork, load_network, torchscript_on_purpose
 from scripts.archive import ModelConfig, archive
 from scripts.client import Client
-from scripts.serve import Server
+from scripts.paths import ROOT
+from tests.helpers import BLOCKED, close_detections, count_matched, run_without_training_stack, serving
 
-ROOT = Path(__file__).resolve().parent.parent
-BLOCKED = ("effdet", "timm", "pytorch_lightning", "lightning", "omegaconf", "train", "export")
 TOLERANCE = 1e-4  # the fp32 parity gate, both formats
 
 
@@ -104,40 +102,17 @@ def test_package_matches_eager_and_torchscript_at_any_batch(aoti_dir, exported, 
             assert (r - g).abs().max() <= TOLERANCE and (t - g).abs().max() <= TOLERANCE
 
 
-LOAD_WITHOUT_EFFDET = textwrap.dedent(
-    """
-    import importlib.abc, json, sys
-    BLOCKED = {blocked!r}
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in BLOCKED:
-                raise ImportError(f"blocked: {{name}}")
-    sys.meta_path.insert(0, Block())
-    import torch
-    for name in BLOCKED:
-        try:
-            __import__(name)
-            raise SystemExit(f"{{name}} importable")
-        except ImportError:
-            pass
+# Runs where effdet, timm, Lightning, train and export cannot be imported: the serving core alone.
+LOAD_PACKAGE = """
     from handler.detector import Detector
     det = Detector(sys.argv[1])
     cls, box = det.forward(torch.zeros(2, 3, *det.geometry.size))
-    print(json.dumps({{"levels": len(cls), "cls": list(cls[0].shape), "box": list(box[0].shape)}}))
-    """
-)
+    print(json.dumps({"levels": len(cls), "cls": list(cls[0].shape), "box": list(box[0].shape)}))
+"""
 
 
 def test_package_loads_and_runs_without_the_training_stack(aoti_dir):
-    proc = subprocess.run(
-        [sys.executable, "-c", LOAD_WITHOUT_EFFDET.format(blocked=BLOCKED), str(aoti_dir / PACKAGE)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    got = run_without_training_stack(LOAD_PACKAGE, str(aoti_dir / PACKAGE))
     card = ModelCard.load(aoti_dir)
     side = card.preprocessing.size[0] // 8
     assert got["levels"] == 5 and got["cls"] == [2, 9 * card.num_classes, side, side]
@@ -285,18 +260,7 @@ sys.meta_path.insert(0, _Block())
 
 def near_tie_mismatches(a: list[dict], b: list[dict], score_tol: float = 3e-5, box_tol: float = 0.05) -> int:
     """Detections of ``a`` without a distinct partner in ``b`` (same class, score and box within tolerance)."""
-    used: set[int] = set()
-    for d in a:
-        for j, e in enumerate(b):
-            if (
-                j not in used
-                and d["class_id"] == e["class_id"]
-                and abs(d["score"] - e["score"]) <= score_tol
-                and all(abs(p - q) <= box_tol for p, q in zip(d["box"], e["box"], strict=True))
-            ):
-                used.add(j)
-                break
-    return len(a) - len(used)
+    return len(a) - count_matched(a, b, close_detections(score_tol, box_tol))
 
 
 def test_both_archives_serve_the_same_answers_without_the_training_stack(
@@ -317,10 +281,9 @@ def test_both_archives_serve_the_same_answers_without_the_training_stack(
     (block / "sitecustomize.py").write_text(SITECUSTOMIZE.format(blocked=set(BLOCKED)))
     marker = tmp_path / "marker.log"
     env = {"PYTHONPATH": str(block), "EFFDET_BLOCK_MARKER": str(marker)}
-    srv = Server(tmp_path / "ts", store, free_ports=True, extra_env=env)
     local = Detector(aoti_dir / PACKAGE)
-    try:
-        srv.start(["fmt_script=fmt_script.mar", "fmt_aoti=fmt_aoti.mar"])
+    models = ["fmt_script=fmt_script.mar", "fmt_aoti=fmt_aoti.mar"]
+    with serving(tmp_path / "ts", store, models, extra_env=env) as srv:
         client = Client(srv.inference_url, srv.management_url, srv.key_file)
         compared = 0
         for img in val_images[:6]:
@@ -345,8 +308,6 @@ def test_both_archives_serve_the_same_answers_without_the_training_stack(
         log = (srv.workdir / "logs" / "model_log.log").read_text(errors="replace")
         assert "is blocked in this worker" not in log  # nothing in the serving path wanted the training stack
         assert "`torch.jit.load` is deprecated" not in log  # the notice stays out of the server log
-    finally:
-        srv.stop()
     blocked_in = {
         int(line.split()[0]) for line in marker.read_text().splitlines() if "model_service_worker" in line
     }

@@ -37,6 +37,7 @@ from ts.service import Service
 from handler.detector import Detector
 from handler.effdet_handler import EffDetHandler
 from handler.request import REQUEST_ID_ECHO_HEADER, REQUEST_ID_HEADER, Params, valid_request_id
+from tests.helpers import close_detections, count_matched
 
 MODEL_NAME, MODEL_VERSION = "tiny", "1.0"
 MANIFEST = {
@@ -283,26 +284,17 @@ def same_detections(a: dict, b: dict) -> bool:
     another image's boxes, scale or size matches almost nothing.
     """
 
+    close = close_detections(score_tol=2e-5, box_tol=0.05)
+
     def match(p, q):
-        return (
-            p["class_id"] == q["class_id"]
-            and p["label"] == q["label"]
-            and abs(p["score"] - q["score"]) <= 2e-5
-            and max(abs(u - v) for u, v in zip(p["box"], q["box"], strict=True)) <= 0.05
-        )
+        return p["label"] == q["label"] and close(p, q)
 
     da, db = a["detections"], b["detections"]
     if a["image"] != b["image"] or len(da) != len(db):
         return False
     if not all(match(p, q) for p, q in zip(da[:5], db[:5], strict=True)):
         return False
-    free, matched = list(db), 0
-    for p in da:
-        j = next((j for j, q in enumerate(free) if match(p, q)), None)
-        if j is not None:
-            free.pop(j)
-            matched += 1
-    return matched >= 0.95 * len(da)
+    return count_matched(da, db, match) >= 0.95 * len(da)
 
 
 def expected(detector: Detector, data: list[bytes], params: list[Params]) -> list[dict]:

@@ -35,6 +35,7 @@ from PIL import Image
 
 from handler.decode import FORMATS
 from scripts.serve import Server, allowed_urls
+from tests.helpers import serving
 from tests.test_reliability import MINIMAL_PDF, SVG, assert_answer, error_json, png_claiming
 from tests.test_serving import _encode as encode
 from tests.test_serving import batches_seen
@@ -58,12 +59,8 @@ def store(model_store, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(store, tmp_path_factory):
-    srv = Server(tmp_path_factory.mktemp("ts"), store, free_ports=True)
-    try:
-        srv.start([f"{MODEL}={MODEL}.mar"])
+    with serving(tmp_path_factory.mktemp("ts"), store, [f"{MODEL}={MODEL}.mar"]) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")

@@ -52,7 +52,8 @@ from handler.detector import Detector
 from scripts.archive import ModelConfig, archive
 from scripts.client import NO_RETRY, Client
 from scripts.load import Images, Traffic
-from scripts.serve import ROOT, Server
+from scripts.paths import ROOT
+from scripts.serve import Server
 from tests.test_serving import _encode as encode
 from tests.test_serving import assert_schema, batches_seen, matched
 

@@ -40,7 +40,9 @@ from handler.request import valid_request_id
 from scripts.archive import ModelConfig, archive
 from scripts.client import MAX_WORKERS, Client, InvalidArgument
 from scripts.load import Images, Traffic
-from scripts.serve import ROOT, Server
+from scripts.paths import ROOT
+from scripts.serve import Server
+from tests.helpers import close_detections, count_matched, serving
 
 pytestmark = pytest.mark.slow
 
@@ -85,12 +87,8 @@ def with_startup_timeout(mar: Path, seconds: int) -> None:
 
 @pytest.fixture(scope="module")
 def server(serving_store, tmp_path_factory):
-    srv = Server(tmp_path_factory.mktemp("ts"), serving_store, free_ports=True)
-    try:
-        srv.start([f"{MODEL}={MODEL}.mar"])
+    with serving(tmp_path_factory.mktemp("ts"), serving_store, [f"{MODEL}={MODEL}.mar"]) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")
@@ -155,20 +153,7 @@ def assert_schema(body: dict, classes: list[str], version: str = "1.0", max_det:
 
 def matched(served: list[dict], ref: list[dict], box_tol: float = 0.01, score_tol: float = 2e-5) -> int:
     """How many served detections find a distinct partner in ``ref`` (same class, box, score)."""
-    used: set[int] = set()
-    n = 0
-    for d in served:
-        for j, e in enumerate(ref):
-            if (
-                j not in used
-                and d["class_id"] == e["class_id"]
-                and abs(d["score"] - e["score"]) <= score_tol
-                and all(abs(a - b) <= box_tol for a, b in zip(d["box"], e["box"], strict=True))
-            ):
-                used.add(j)
-                n += 1
-                break
-    return n
+    return count_matched(served, ref, close_detections(score_tol, box_tol))
 
 
 def assert_same_up_to_ties(served: dict, ref: dict, max_unmatched: int = 2) -> None:
@@ -728,9 +713,7 @@ def test_archive_serves_without_training_stack(model_store, tmp_path, images, de
     )
     assert probe.returncode != 0 and "blocked in this worker" in probe.stderr
 
-    srv = Server(tmp_path / "ts", model_store, free_ports=True, extra_env=env)
-    try:
-        srv.start([f"{MODEL}={MODEL}.mar"])
+    with serving(tmp_path / "ts", model_store, [f"{MODEL}={MODEL}.mar"], extra_env=env) as srv:
         other = Client(srv.inference_url, srv.management_url, srv.key_file)
         r = other.predict(MODEL, images["val0"], score_threshold=0.0)
         assert r.status_code == 200, r.text
@@ -741,8 +724,6 @@ def test_archive_serves_without_training_stack(model_store, tmp_path, images, de
         pids = worker_pids(other)
         # the module's server runs on beside it, undisturbed
         assert Client(server.inference_url, server.management_url, server.key_file).ping().status_code == 200
-    finally:
-        srv.stop()
 
     lines = marker.read_text().splitlines()
     workers = {int(line.split()[0]) for line in lines if "active" in line and "model_service_worker" in line}

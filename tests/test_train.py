@@ -16,13 +16,12 @@ import timm
 import torch
 from effdet import DetBenchTrain
 
+from scripts.paths import ROOT
 from train.__main__ import main as train_main
 from train.config import SEED_CONFIG, build_config, create_effdet, num_anchors
 from train.data import check_records, load_coco
 from train.datamodule import DetectionDataModule, DetectionDataset, collate
 from train.module import EffDetModule, warmup_cosine
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_seed_preset_is_the_seed_config_key_for_key():
@@ -189,7 +188,7 @@ def test_ddp_on_cpu_reports_one_map_over_all_val_images(synthetic_dir, tmp_path)
         "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--epochs", "1",
         "--batch-size", "4", "--out", str(out),
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     card = json.loads((out / "model.json").read_text())
@@ -204,7 +203,7 @@ def test_ddp_on_cpu_reports_one_map_over_all_val_images(synthetic_dir, tmp_path)
 def test_interrupted_training_resumes_from_last_ckpt_to_the_same_result(synthetic_dir, tmp_path):
     """A run killed (SIGKILL) after its first epoch, resumed with --resume last, ends where an
     uninterrupted run ends: same weights, bit for bit."""
-    env = {**os.environ, "PYTHONPATH": ROOT}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     args = [sys.executable, "-m", "train", "--data", str(synthetic_dir), "--format", "synthetic",
             "--batch-size", "8", "--warmup-steps", "2", "--epochs", "2"]  # fmt: skip
     subprocess.run(
