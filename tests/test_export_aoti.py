@@ -1,4 +1,5 @@
-"""The second export format: torch.export + AOTInductor (``model.pt2``) beside TorchScript (``model.pt``).
+"""The second export format: torch.export + AOTInductor (``model.pt2``) beside TorchScript (``model.pt``),
+also side by side in the benchmark.
 
 AOTInductor compiles C++ (2-4 min for the small preset on 2 busy cores), so the module compiles
 the conftest's trained run once, through the real CLI, and every test shares that package. The
@@ -12,6 +13,7 @@ tie to 4-5 digits, so a last-bit difference can swap neighbours or the last plac
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import warnings
@@ -312,3 +314,66 @@ def test_both_archives_serve_the_same_answers_without_the_training_stack(
         int(line.split()[0]) for line in marker.read_text().splitlines() if "model_service_worker" in line
     }
     assert pids and pids <= blocked_in, "the block was not active in the serving workers"
+
+
+# -- the benchmark: both formats side by side ---------------------------------------------------------
+@pytest.mark.slow
+def test_bench_runs_both_formats_side_by_side(trained_run, exported, aoti_dir, tmp_path):
+    """``python -m scripts.bench --formats script,aoti`` on a run holding both exports: the package
+    beside the export is reused (compiled from the same checkpoint), both are timed alone and
+    served at the same setting on one TorchServe, and every request of both is answered."""
+    from scripts import bench
+
+    run = tmp_path / "run"
+    shutil.copytree(exported, run / "export")
+    shutil.copytree(aoti_dir, run / "export_aoti")
+    results = bench.main(
+        ["--export", str(run / "export"), "--formats", "script,aoti", "--stages", "model,served",
+         "--batches", "1,2", "--repeats", "1", "--warmup", "1", "--images", "2", "--image-side", "160",
+         "--configs", "2:5:1", "--concurrency", "2", "--requests", "4", "--served-repeats", "1",
+         "--out", str(tmp_path / "bench"), "--no-progress", "--threads", "1"]
+    )  # fmt: skip
+    assert not list(run.glob("export_aoti_*"))  # reused, not compiled again
+    assert results["formats"]["aoti"]["file"] == str(run / "export_aoti" / PACKAGE)
+    assert results["formats"]["script"]["file"] == str(run / "export" / "model.pt")
+    assert (
+        [r["batch"] for r in results["model"]]
+        == [r["batch"] for r in results["formats"]["aoti"]["model"]]
+        == [1, 2]
+    )
+    served = results["served"]
+    assert [(e["format"], e["model"]) for e in served] == [
+        ("script", "effdet_demo_b2_d5_w1"),
+        ("aoti", "effdet_demo_aoti_b2_d5_w1"),
+    ]
+    for e in served:
+        assert e["reported"]["batchSize"] == 2
+        assert [(p["failed"], p["statuses"]) for p in e["points"]] == [(0, {"200": 4})]
+    f = results["ratios"]["formats"]
+    assert f["aoti"]["ceiling_over_script"] > 0 and f["aoti"]["served_best_over_script"] > 0
+    assert f["aoti"]["compile_s"] > 0 and f["script"]["compile_s"] is None
+
+
+def test_bench_compiles_no_package_it_cannot_trace_back_to_the_checkpoint(
+    exported, aoti_dir, trained_run, tmp_path
+):
+    """A package is reused only when compiled from the export's checkpoint, after it, for this device
+    and precision; an export whose checkpoint is gone is refused by name before anything compiles."""
+    from scripts.bench.workload import _checkpoint_of, _compiled_from
+
+    ckpt = _checkpoint_of(exported)
+    assert ckpt.resolve() == (trained_run / "best.ckpt").resolve()
+    cpu = torch.device("cpu")
+    assert _compiled_from(aoti_dir, ckpt, cpu, "fp32")
+    assert not _compiled_from(aoti_dir, ckpt, cpu, "fp16")
+    assert not _compiled_from(aoti_dir, ckpt, torch.device("cuda"), "fp32")
+    other = tmp_path / "other.ckpt"
+    shutil.copy(ckpt, other)
+    assert not _compiled_from(aoti_dir, other, cpu, "fp32")  # another checkpoint (and newer than the package)
+    lost = tmp_path / "run" / "export"
+    shutil.copytree(exported, lost)
+    card = json.loads((lost / "model.json").read_text())
+    card["export"]["checkpoint"] = str(tmp_path / "gone.ckpt")
+    (lost / "model.json").write_text(json.dumps(card))
+    with pytest.raises(SystemExit, match="no checkpoint for .*gone.ckpt"):
+        _checkpoint_of(lost)
