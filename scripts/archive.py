@@ -85,7 +85,9 @@ class ModelConfig:
         return {
             **placement,
             "batchSize": self.batch_size,
-            "maxBatchDelay": self.max_batch_delay,
+            # TorchServe reads 0 here as "not set" and waits its default 100 ms (ModelManager.createModel
+            # takes the archive's value only when > 0): 1 ms is the nearest "no wait" it honours.
+            "maxBatchDelay": max(1, self.max_batch_delay),
             "minWorkers": self.min_workers,
             "maxWorkers": self.max_workers,
             "responseTimeout": self.response_timeout,
@@ -181,7 +183,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--version", default="1.0")
     p.add_argument("--model-store", default=str(ROOT / "model_store"))
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-batch-delay", type=int, default=20, help="ms TorchServe waits to fill a batch")
+    p.add_argument(
+        "--max-batch-delay",
+        type=int,
+        default=20,
+        help="ms TorchServe waits to fill a batch (0 is written as 1)",
+    )
     p.add_argument("--min-workers", type=int, default=1)
     p.add_argument("--max-workers", type=int, default=1)
     p.add_argument("--response-timeout", type=int, default=120)

@@ -57,6 +57,14 @@ def test_archive_cli_writes_the_settings_it_was_given(exported, tmp_path):
     assert '"modelVersion": "2.5"' in manifest
 
 
+def test_no_batch_delay_is_written_as_one_ms():
+    """TorchServe takes an archive's maxBatchDelay 0 as unset and waits 100 ms: 0 must reach it as 1."""
+    from scripts.archive import ModelConfig
+
+    assert ModelConfig(batch_size=8, max_batch_delay=0).to_yaml()["maxBatchDelay"] == 1
+    assert ModelConfig(max_batch_delay=7).to_yaml()["maxBatchDelay"] == 7
+
+
 def test_archive_cli_refuses_a_bad_device_list(exported, tmp_path):
     r = run("-m", "scripts.archive", str(exported), "--device-ids", "zero", "--model-store", str(tmp_path))
     assert r.returncode == 2 and "--device-ids" in r.stderr

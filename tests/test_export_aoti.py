@@ -330,7 +330,7 @@ def test_bench_runs_both_formats_side_by_side(trained_run, exported, aoti_dir, t
     results = bench.main(
         ["--export", str(run / "export"), "--formats", "script,aoti", "--stages", "model,served",
          "--batches", "1,2", "--repeats", "1", "--warmup", "1", "--images", "2", "--image-side", "160",
-         "--configs", "2:5:1", "--concurrency", "2", "--requests", "4", "--served-repeats", "1",
+         "--configs", "2:0:1", "--concurrency", "2", "--requests", "4", "--served-repeats", "1",
          "--out", str(tmp_path / "bench"), "--no-progress", "--threads", "1"]
     )  # fmt: skip
     assert not list(run.glob("export_aoti_*"))  # reused, not compiled again
@@ -343,11 +343,12 @@ def test_bench_runs_both_formats_side_by_side(trained_run, exported, aoti_dir, t
     )
     served = results["served"]
     assert [(e["format"], e["model"]) for e in served] == [
-        ("script", "effdet_demo_b2_d5_w1"),
-        ("aoti", "effdet_demo_aoti_b2_d5_w1"),
+        ("script", "effdet_demo_b2_d0_w1"),
+        ("aoti", "effdet_demo_aoti_b2_d0_w1"),
     ]
     for e in served:
-        assert e["reported"]["batchSize"] == 2
+        # "no delay" is served as 1 ms: an archive's 0 would be read as unset, i.e. TorchServe's 100 ms
+        assert (e["reported"]["batchSize"], e["reported"]["maxBatchDelay"]) == (2, 1)
         assert [(p["failed"], p["statuses"]) for p in e["points"]] == [(0, {"200": 4})]
     f = results["ratios"]["formats"]
     assert f["aoti"]["ceiling_over_script"] > 0 and f["aoti"]["served_best_over_script"] > 0
