@@ -4,6 +4,7 @@
     python -m scripts.bench --quick                       # tiny repeats, fewer settings: a smoke run
     python -m scripts.bench --device cuda --precision fp16 --channels-last --model seed
     python -m scripts.bench --stages post,fp16 --export runs/NAME/export    # any subset of the stages
+    python -m scripts.bench --formats script,aoti         # TorchScript and AOTInductor side by side
 
 One run, one model, one set of JPEG images; every figure is the median of repeats:
 
@@ -33,8 +34,8 @@ ratios come last. Without ``--export`` the model is ``runs/NAME/export`` when it
 served model does; ``--weights random`` gives random heads instead), kept under ``runs/bench``.
 
 Modules, runners apart from results: ``timing`` (repeats, syncs, percentiles), ``workload``
-(model and images), ``parity`` (the comparisons, shared with tests/test_postprocess.py),
-``stages`` (in-process stages), ``load`` (the closed-loop client), ``served`` (TorchServe and
+(model, its network formats and images), ``parity`` (the comparisons, shared with tests/test_postprocess.py),
+``stages`` (in-process stages), ``load`` (the closed loop: ``scripts.load.Traffic`` with a limit), ``served`` (TorchServe and
 the null handler), ``report`` (ratios, tables, plot: pure functions of the results), ``cli``."""
 
 from scripts.bench.cli import FORMATS, FULL, QUICK, STAGES, main, network_info, parse_args, run
