@@ -139,7 +139,7 @@ def format_ratios(results: dict) -> dict:
             "ceiling_images_per_s": best["model"],
             "handler_best_images_per_s": best["handler"],
             "served_best_images_per_s": point["throughput"] if point else None,
-            "served_best_p99_over_p50": point["p99_ms"] / point["p50_ms"] if point else None,
+            "served_best_p99_over_p50": _div(point["p99_ms"], point["p50_ms"]) if point else None,
         }
     script = out["script"]
     for r in out.values():
@@ -147,6 +147,13 @@ def format_ratios(results: dict) -> dict:
         for key in ("ceiling", "handler_best", "served_best"):
             r[f"{key}_over_script"] = _div(r[f"{key}_images_per_s"], script[f"{key}_images_per_s"])
     return out
+
+
+def _tag(entry: dict, form: str = " {}") -> str:
+    """A served entry's format in a title or label; nothing for TorchScript (and for JSON from
+    before formats were recorded)."""
+    fmt = entry.get("format", "script")
+    return "" if fmt == "script" else form.format(fmt)
 
 
 def _div(a: float | None, b: float | None) -> float | None:
@@ -229,9 +236,7 @@ def report(results: dict) -> str:
         table_rows = [(r["batch"], r["images_per_s"], r["ms_per_image"], 1000 * r["median_s"]) for r in rows]
         parts.append(f"\n{titles[key]}\n" + table(("batch", "img/s", "ms/img", "ms/batch"), table_rows))
     if results.get("formats"):
-        fr = (
-            results["ratios"]["formats"] if "formats" in results.get("ratios", {}) else format_ratios(results)
-        )
+        fr = format_ratios(results)
         parts.append(
             "\nnetwork formats side by side (in-process figures measured taking turns; x script = against "
             "TorchScript in this run)\n"
@@ -283,9 +288,8 @@ def report(results: dict) -> str:
             )
             for p in entry["points"]
         ]
-        fmt = entry.get("format", "script")
         parts.append(
-            f"\n5. served over HTTP{'' if fmt == 'script' else f' ({fmt})'}: batchSize {entry['batch_size']}, maxBatchDelay {entry['max_batch_delay']} ms, "
+            f"\n5. served over HTTP{_tag(entry, ' ({})')}: batchSize {entry['batch_size']}, maxBatchDelay {entry['max_batch_delay']} ms, "
             f"{entry['workers']} worker(s) (server reports {rep['batchSize']}/{rep['maxBatchDelay']}/{rep['workers']})\n"
             + table(
                 (
@@ -438,9 +442,7 @@ def plot(results: dict, path: Path) -> Path:
     ax = axes[1][0]
     for entry in served:
         pts = entry["points"]
-        label = f"b{entry['batch_size']} d{entry['max_batch_delay']} w{entry['workers']}"
-        if entry.get("format", "script") != "script":
-            label += f" {entry['format']}"
+        label = f"b{entry['batch_size']} d{entry['max_batch_delay']} w{entry['workers']}{_tag(entry)}"
         ax.plot([p["concurrency"] for p in pts], [p["throughput"] for p in pts], "o-", label=label)
     r = results.get("ratios", {})
     if served:
@@ -462,9 +464,9 @@ def plot(results: dict, path: Path) -> Path:
         labels, pcts = [], {"p50": [], "p90": [], "p99": []}
         for entry in served:
             for p in entry["points"]:
-                fmt = "" if entry.get("format", "script") == "script" else f" {entry['format']}"
                 labels.append(
-                    f"b{entry['batch_size']}d{entry['max_batch_delay']}w{entry['workers']}{fmt}\nc{p['concurrency']}"
+                    f"b{entry['batch_size']}d{entry['max_batch_delay']}w{entry['workers']}{_tag(entry)}"
+                    f"\nc{p['concurrency']}"
                 )
                 for k, v in pcts.items():
                     v.append(p[f"{k}_ms"])

@@ -173,7 +173,7 @@ class Workload:
     inputs: dict  # batch -> (batch tensor, img_scale, img_size)
     heads: dict  # batch -> (cls outputs, box outputs) of the network
     heads32: dict | None  # the same from the fp32 TorchScript network (``heads`` itself unless fp16)
-    load_s: float  # seconds to load the network file here
+    load_s: float  # seconds to build the Detector on the network file here (its load, mostly)
 
     @property
     def cfg(self) -> dict:
@@ -203,9 +203,8 @@ def prepare(
 
     network = Path(model) / "model.pt" if Path(model).is_dir() else Path(model)
     t = time.perf_counter()
-    load_network(network, device, torch.float16 if precision == "fp16" else torch.float32)
-    load_s = time.perf_counter() - t
     det = Detector(network, device=device, precision=precision, channels_last=channels_last)
+    load_s = time.perf_counter() - t  # mostly loading the network file (anchors are milliseconds)
     decoded = [det.decode(b) for b in images]
     inputs, heads = {}, {}
     for b in batches:
