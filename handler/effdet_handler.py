@@ -18,7 +18,8 @@ import torch
 from ts.torch_handler.base_handler import BaseHandler
 
 from handler.card import ModelCard
-from handler.decode import DEFAULT_MAX_PIXELS, FORMATS, RequestError
+from handler.config import HandlerConfig
+from handler.decode import FORMATS, RequestError
 from handler.detector import Detector, bucket_sizes
 from handler.request import REQUEST_ID_ECHO_HEADER, Params, header, parse_params, request_id, split_request
 
@@ -31,32 +32,31 @@ class EffDetHandler(BaseHandler):
     def initialize(self, context) -> None:
         props = context.system_properties
         model_dir = props.get("model_dir")
-        yaml_cfg = (getattr(context, "model_yaml_config", None) or {}).get("handler", {}) or {}
+        cfg = HandlerConfig.from_yaml((getattr(context, "model_yaml_config", None) or {}).get("handler"))
         gpu_id = props.get("gpu_id")
         if torch.cuda.is_available() and gpu_id is not None:
             self.device = torch.device(f"cuda:{gpu_id}")
         else:
             self.device = torch.device("cpu")
-        threads = yaml_cfg.get("torch_threads")
-        if threads:
-            torch.set_num_threads(int(threads))
+        if cfg.torch_threads:
+            torch.set_num_threads(cfg.torch_threads)
         serialized = context.manifest["model"].get("serializedFile", "model.pt")
         card = ModelCard.load(model_dir)
-        precision = yaml_cfg.get("precision", "fp32") if self.device.type == "cuda" else "fp32"
+        precision = cfg.precision if self.device.type == "cuda" else "fp32"
         # Every batch runs padded up to one of a few sizes, each warmed below: no batch size that
         # TorchServe forms makes TorchScript profile and fuse again while requests wait.
         batch_size = int(props.get("batch_size") or 1)
-        buckets = yaml_cfg.get("batch_buckets") or bucket_sizes(batch_size)
+        buckets = cfg.batch_buckets or bucket_sizes(batch_size)
         self.detector = Detector(
             os.path.join(model_dir, serialized),
             device=self.device,
             precision=precision,
-            score_threshold=yaml_cfg.get("score_threshold"),
-            iou_threshold=yaml_cfg.get("iou_threshold"),
-            max_pixels=int(yaml_cfg.get("max_pixels", DEFAULT_MAX_PIXELS)),
+            score_threshold=cfg.score_threshold,
+            iou_threshold=cfg.iou_threshold,
+            max_pixels=cfg.max_pixels,
             card=card,
-            channels_last=yaml_cfg.get("channels_last"),
-            buckets=[int(b) for b in buckets if int(b) <= batch_size] + [batch_size],
+            channels_last=cfg.channels_last,
+            buckets=[b for b in buckets if b <= batch_size] + [batch_size],
         )
         self.model_info = {
             "name": context.manifest["model"].get("modelName", card.name),

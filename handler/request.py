@@ -57,6 +57,17 @@ def _number(name: str, value, lo: float, hi: float, lo_open: bool = False) -> fl
     return x
 
 
+# The thresholds' ranges, for a request's values and for an archive's defaults alike:
+# name -> (low, high, low excluded). An IoU threshold of 0 would suppress every overlapping box.
+THRESHOLDS = {"score_threshold": (0, 1, False), "iou_threshold": (0, 1, True)}
+
+
+def check_threshold(name: str, value) -> float:
+    """A score or IoU threshold as a float in its range, else a 400 ``RequestError`` (a ValueError)."""
+    lo, hi, lo_open = THRESHOLDS[name]
+    return _number(name, value, lo, hi, lo_open)
+
+
 def parse_params(raw: dict, defaults: Params, max_det_per_image: int) -> Params:
     """Validate the caller's parameters against their ranges; absent ones take ``defaults``."""
     score = raw.get("score_threshold")
@@ -70,10 +81,8 @@ def parse_params(raw: dict, defaults: Params, max_det_per_image: int) -> Params:
     return Params(
         score_threshold=defaults.score_threshold
         if score is None
-        else _number("score_threshold", score, 0, 1),
-        iou_threshold=defaults.iou_threshold
-        if iou is None
-        else _number("iou_threshold", iou, 0, 1, lo_open=True),
+        else check_threshold("score_threshold", score),
+        iou_threshold=defaults.iou_threshold if iou is None else check_threshold("iou_threshold", iou),
         max_detections=defaults.max_detections if max_det is None else max_det,
     )
 

@@ -15,10 +15,14 @@ from pathlib import Path
 
 from export.core import export
 from handler.detector import Detector
-from scripts.archive import ModelConfig, archive
-from scripts.client import TWIN_FILE, Client, draw
+from scripts.archive import archive
+from scripts.client import Client
+from scripts.client.draw import draw
+from scripts.client.scale import TWIN_FILE, scale
 from scripts.load import Images, Traffic
-from scripts.serve import ROOT, Server
+from scripts.paths import MODEL_STORE, ROOT
+from scripts.serve import Server
+from scripts.settings import ModelConfig
 from train import synthetic
 from train.__main__ import main as train_main
 from train.data import check_records, load_coco
@@ -66,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--val-images", type=int, default=60)
     # where the outputs go (the repository's runs/ and model_store/ by default, as `make demo`)
     p.add_argument("--runs", default=str(ROOT / "runs"), help="the run is written to RUNS/NAME")
-    p.add_argument("--model-store", default=str(ROOT / "model_store"), help="the archive goes here")
+    p.add_argument("--model-store", default=str(MODEL_STORE), help="the archive goes here")
     a = p.parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)
     started = time.time()
@@ -130,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
                        Images.cycle(images), threads=2)  # fmt: skip
         with load:
             for n_workers in (2, 1):
-                step = client.scale(a.name, n_workers, store)
+                step = scale(client, a.name, n_workers, store)
                 workers = client.describe(a.name)[0]["workers"]
                 print(
                     f"scaled {step.workers_before} -> {n_workers} ({step.method}, {step.seconds:.1f} s): "

@@ -4,7 +4,7 @@ The one loop behind the tests under load, the demo's scaling step and the benchm
 (there with ``limit``: a closed loop of so many requests, see ``scripts.bench.load``):
 
     with Traffic(lambda: Client(...), "effdet_demo", Images.cycle([jpeg1, jpeg2]), threads=4) as t:
-        client.scale("effdet_demo", 1)
+        scale(client, "effdet_demo", 1)
     print(t.summary())
 
 Each thread has its own ``Client`` (its own keep-alive connections, retries included); every request

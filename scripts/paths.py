@@ -1,4 +1,5 @@
-"""Where things are: the repository root and the TorchServe executables."""
+"""Where things are: the repository root, its default model store and server folder, and the
+TorchServe executables."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+MODEL_STORE = ROOT / "model_store"  # where archives go and TorchServe loads them from, by default
+SERVE_DIR = ROOT / "runs" / "serve"  # TorchServe's working directory: key_file.json and logs/
 
 
 def executable(name: str) -> str:

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import requests
 
-from scripts.paths import ROOT, executable
+from scripts.paths import MODEL_STORE, ROOT, SERVE_DIR, executable
 
-DEFAULT_WORKDIR = ROOT / "runs" / "serve"
+DEFAULT_WORKDIR = SERVE_DIR
 
 
 def java_home() -> str:
@@ -92,7 +92,7 @@ class Server:
     """One TorchServe instance: its working directory, config and model store."""
 
     workdir: Path = DEFAULT_WORKDIR
-    model_store: Path = ROOT / "model_store"
+    model_store: Path = MODEL_STORE
     config: Path = ROOT / "config.properties"
     free_ports: bool = False
     props: dict = field(default_factory=dict)
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("action", choices=("start", "stop"))
     p.add_argument("--model", default="effdet_demo", help="archive model_store/NAME.mar to load at start")
     p.add_argument("--workdir", default=str(DEFAULT_WORKDIR))
-    p.add_argument("--model-store", default=str(ROOT / "model_store"))
+    p.add_argument("--model-store", default=str(MODEL_STORE))
     a = p.parse_args(argv)
     server = Server(Path(a.workdir), Path(a.model_store))
     if a.action == "stop":

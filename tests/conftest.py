@@ -56,7 +56,8 @@ def exported(trained_run) -> Path:
 @pytest.fixture(scope="session")
 def model_store(exported, tmp_path_factory) -> Path:
     """A model store holding tiny.mar (batchSize 4) built by the real torch-model-archiver."""
-    from scripts.archive import ModelConfig, archive
+    from scripts.archive import archive
+    from scripts.settings import ModelConfig
 
     store = tmp_path_factory.mktemp("model_store")
     archive(exported, "tiny", "1.0", store, ModelConfig(batch_size=4, max_batch_delay=50))

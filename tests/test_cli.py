@@ -59,7 +59,7 @@ def test_archive_cli_writes_the_settings_it_was_given(exported, tmp_path):
 
 def test_no_batch_delay_is_written_as_one_ms():
     """TorchServe takes an archive's maxBatchDelay 0 as unset and waits 100 ms: 0 must reach it as 1."""
-    from scripts.archive import ModelConfig
+    from scripts.settings import ModelConfig
 
     assert ModelConfig(batch_size=8, max_batch_delay=0).to_yaml()["maxBatchDelay"] == 1
     assert ModelConfig(max_batch_delay=7).to_yaml()["maxBatchDelay"] == 7

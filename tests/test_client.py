@@ -12,20 +12,15 @@ import zipfile
 import pytest
 
 from handler.request import request_id, valid_request_id
-from scripts.client import (
-    MANIFEST,
+from scripts.client import Client, RetryPolicy, transient
+from scripts.client.scale import MANIFEST, ScaleError, twin_of, write_twin
+from scripts.settings import (
     MAX_WORKERS,
-    Client,
     InvalidArgument,
-    RetryPolicy,
-    ScaleError,
     check_mar,
     check_name,
     check_register,
     check_workers,
-    transient,
-    twin_of,
-    write_twin,
 )
 
 

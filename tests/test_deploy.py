@@ -118,7 +118,12 @@ def test_dockerfile_contents(dockerfile):
     flat = [s for sources in copies for s in sources]
     assert "deploy/config.properties" in flat and "model_store/*.mar" in flat
     # the .mar files come from `make demo`, which archives into model_store/
-    assert 'ROOT / "model_store"' in (ROOT / "scripts" / "demo.py").read_text()
+    from scripts.paths import MODEL_STORE
+
+    assert (
+        MODEL_STORE == ROOT / "model_store"
+        and "default=str(MODEL_STORE)" in (ROOT / "scripts" / "demo.py").read_text()
+    )
     exposed = {p for k, args in dockerfile if k == "EXPOSE" for p in args.split()}
     assert {"8080", "8081", "8082"} <= exposed
     # token auth stays on: nothing that runs disables it, and the base image's `serve` entrypoint

@@ -142,7 +142,7 @@ def test_parse_only_refuses_what_argparse_refuses(monkeypatch):
     with pytest.raises(SystemExit):
         parse_only("export", ["runs/x/best.ckpt", "--method", "onnx"], monkeypatch)
     ns = parse_only("scripts.archive", ["runs/x/export", "--device-ids", "0,1"], monkeypatch)
-    assert ns.device_ids == [0, 1]
+    assert ns.device_ids == (0, 1)
 
 
 # -- the commands that can run here, run as written -----------------------------------------------
@@ -251,7 +251,8 @@ def curl_walkthrough() -> list[str]:
 @pytest.fixture
 def deploy_server(exported, tmp_path):
     """effdet_demo 1.0 served and effdet_demo_v2.mar (version 2.0) in the store, as deploy.md assumes."""
-    from scripts.archive import ModelConfig, archive
+    from scripts.archive import archive
+    from scripts.settings import ModelConfig
     from tests.helpers import serving
 
     store = tmp_path / "model_store"
@@ -323,8 +324,10 @@ def test_client_commands_run(exported, detector, val_images, tmp_path, monkeypat
     """
     from PIL import Image
 
-    from scripts.archive import ModelConfig, archive
+    from scripts.archive import archive
     from scripts.client import Client
+    from scripts.client.scale import default_entry
+    from scripts.settings import ModelConfig
     from tests.helpers import serving
 
     cases = [
@@ -349,7 +352,7 @@ def test_client_commands_run(exported, detector, val_images, tmp_path, monkeypat
                 out = run_as_written("scripts.client", [*where, *argv], {}, tmp_path)
                 check_predict(line, json_documents(out), ns, detector, tmp_path)
             elif ns.cmd == "scale":
-                before = client.default_entry(ns.model)
+                before = default_entry(client, ns.model)
                 out = run_as_written(
                     "scripts.client", [*where, *argv, "--model-store", str(store)], {}, tmp_path
                 )
@@ -378,7 +381,7 @@ def check_scale(
 ) -> None:
     """Up: TorchServe's call on the default version. Down: the default switched to the twin version
     with the new count, the old version unregistered."""
-    from scripts.client import twin_of
+    from scripts.client.scale import default_entry, twin_of
 
     [result] = printed
     had = len(before["workers"])
@@ -386,7 +389,7 @@ def check_scale(
     assert result["version_before"] == before["modelVersion"], line
     print(f"\n{line.doc}:{line.lineno}: {result['method']} {had} -> {ns.workers} in {result['seconds']} s")
     entries = client.describe(ns.model)
-    default = client.default_entry(ns.model)
+    default = default_entry(client, ns.model)
     assert len(default["workers"]) == ns.workers, f"{line}\n{default['workers']}"
     assert all(w["status"] == "READY" for w in default["workers"]), f"{line}\n{default['workers']}"
     if ns.workers >= had:

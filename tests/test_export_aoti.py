@@ -28,11 +28,13 @@ from export.__main__ import main as export_main
 from export.aoti import PACKAGE, check_aoti_parity, to_aoti
 from export.core import ExportError, build_eager, load_weights
 from handler.card import ModelCard
+from handler.config import HandlerConfig
 from handler.detector import Detector
 from handler.network import AotiNetwork, load_network, torchscript_on_purpose
-from scripts.archive import ModelConfig, archive
+from scripts.archive import archive
 from scripts.client import Client
 from scripts.paths import ROOT
+from scripts.settings import ModelConfig
 from tests.helpers import BLOCKED, close_detections, count_matched, run_without_training_stack, serving
 
 TOLERANCE = 1e-4  # the fp32 parity gate, both formats
@@ -270,7 +272,7 @@ def test_both_archives_serve_the_same_answers_without_the_training_stack(
 ):
     """One TorchServe, workers unable to import effdet/timm/Lightning/train/export, serving both formats."""
     store = tmp_path / "store"
-    cfg = ModelConfig(batch_size=2, max_batch_delay=20, score_threshold=0.0)
+    cfg = ModelConfig(batch_size=2, max_batch_delay=20, handler=HandlerConfig(score_threshold=0.0))
     archive(exported, "fmt_script", "1.0", store, cfg)
     archive(aoti_dir, "fmt_aoti", "1.0", store, cfg)
     with zipfile.ZipFile(store / "fmt_aoti.mar") as z:

@@ -49,11 +49,12 @@ import requests
 from PIL import Image
 
 from handler.detector import Detector
-from scripts.archive import ModelConfig, archive
+from scripts.archive import archive
 from scripts.client import NO_RETRY, Client
 from scripts.load import Images, Traffic
 from scripts.paths import ROOT
 from scripts.serve import Server
+from scripts.settings import ModelConfig
 from tests.test_serving import _encode as encode
 from tests.test_serving import assert_schema, batches_seen, matched
 
@@ -494,7 +495,7 @@ def test_model_whose_worker_fails_to_start(server, client, val_images):
     r = client.register(f"{BROKEN}.mar", initial_workers=1)
     assert r.status_code == 500, r.text
     assert r.json()["message"] == f"Failed to start workers for model {BROKEN} version: 1.0", r.text
-    d = client._manage("GET", f"/models/{BROKEN}")
+    d = client.manage("GET", f"/models/{BROKEN}")
     if d.status_code == 200:  # left registered, wanting no worker
         entry = d.json()[0]
         assert entry["minWorkers"] == entry["maxWorkers"] == 0 and entry["workers"] == [], entry
@@ -509,7 +510,7 @@ def test_model_whose_worker_fails_to_start(server, client, val_images):
     model_log = (server.workdir / "logs" / "model_log.log").read_text(errors="replace")
     assert f"Failed to load model {BROKEN}" in model_log and "PytorchStreamReader failed" in model_log
 
-    r = client._manage("POST", "/models", url=f"{BROKEN}.mar", initial_workers=1, synchronous="false")
+    r = client.manage("POST", "/models", url=f"{BROKEN}.mar", initial_workers=1, synchronous="false")
     assert r.status_code == 202, r.text
     seen: dict[int, str] = {}
     pings = set()
@@ -533,7 +534,7 @@ def test_model_whose_worker_fails_to_start(server, client, val_images):
     finally:
         gone_ = client.unregister(BROKEN)
     assert gone_.status_code == 200, gone_.text
-    assert client._manage("GET", f"/models/{BROKEN}").status_code == 404
+    assert client.manage("GET", f"/models/{BROKEN}").status_code == 404
     deadline = time.monotonic() + 30
     while not all(gone(p) for p in seen if p > 0) and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -36,12 +36,15 @@ import requests
 import yaml
 from PIL import Image
 
+from handler.config import HandlerConfig
 from handler.request import valid_request_id
-from scripts.archive import ModelConfig, archive
-from scripts.client import MAX_WORKERS, Client, InvalidArgument
+from scripts.archive import archive
+from scripts.client import Client
+from scripts.client.scale import scale
 from scripts.load import Images, Traffic
 from scripts.paths import ROOT
 from scripts.serve import Server
+from scripts.settings import MAX_WORKERS, InvalidArgument, ModelConfig
 from tests.helpers import close_detections, count_matched, serving
 
 pytestmark = pytest.mark.slow
@@ -66,7 +69,7 @@ def serving_store(exported, tmp_path_factory) -> Path:
     too short for a worker started beside busy ones on a 2-core machine that runs other jobs too).
     """
     store = tmp_path_factory.mktemp("serving") / "model_store"
-    cfg = ModelConfig(batch_size=BATCH, max_batch_delay=50, score_threshold=0.0)
+    cfg = ModelConfig(batch_size=BATCH, max_batch_delay=50, handler=HandlerConfig(score_threshold=0.0))
     with_startup_timeout(archive(exported, MODEL, "1.0", store, cfg), STARTUP_TIMEOUT)
     with tempfile.TemporaryDirectory() as tmp:
         shutil.move(archive(exported, MODEL, "2.0", tmp, cfg), store / V2_FILE)
@@ -388,13 +391,13 @@ def test_bad_request_amid_traffic(client, images, local):
 def test_allowed_urls_refuse_remote_and_relative(client):
     """The server refuses them (sent raw here); the project's client refuses them before sending."""
     for url in ("http://127.0.0.1:1/x.mar", "../x.mar", f"../model_store/{V2_FILE}", "file:///etc/x.mar"):
-        r = client._manage("POST", "/models", url=url, initial_workers=1, synchronous="true")
+        r = client.manage("POST", "/models", url=url, initial_workers=1, synchronous="true")
         assert 400 <= r.status_code < 500, (url, r.status_code, r.text)
         with pytest.raises(InvalidArgument, match="file name of a .mar"):
             client.register(url)
-    r = client._manage("POST", "/models", url="http://127.0.0.1:1/x.mar")
+    r = client.manage("POST", "/models", url="http://127.0.0.1:1/x.mar")
     assert "allowed URL" in r.json()["message"]
-    r = client._manage("POST", "/models", url="../x.mar")
+    r = client.manage("POST", "/models", url="../x.mar")
     assert "Relative path" in r.json()["message"]
     assert [e["modelVersion"] for e in client.describe(MODEL)] == ["1.0"]
 
@@ -412,7 +415,7 @@ def test_versions_register_default_unregister(server, client, images, local):
         assert client.predict(MODEL, images["val0"]).json()["model"]["version"] == "1.0"
 
         assert client.set_default(MODEL, "2.0").status_code == 200
-        default = client._manage("GET", f"/models/{MODEL}").json()
+        default = client.manage("GET", f"/models/{MODEL}").json()
         assert [e["modelVersion"] for e in default] == ["2.0"]
         assert client.predict(MODEL, images["val0"]).json()["model"]["version"] == "2.0"
         assert client.predict(MODEL, images["val0"], version="1.0").json()["model"]["version"] == "1.0"
@@ -463,11 +466,11 @@ def test_management_values_refused_before_any_change(server, client, serving_sto
 
     before = state()
     refused = [
-        (lambda: client.scale(MODEL, 0, serving_store), "unregister the model"),
-        (lambda: client.scale(MODEL, -1, serving_store), "workers must be in"),
-        (lambda: client.scale(MODEL, 1.5, serving_store), "workers must be an integer"),
-        (lambda: client.scale(MODEL, MAX_WORKERS + 1, serving_store), "workers must be in"),
-        (lambda: client.scale("../../x", 1, serving_store), "model name"),
+        (lambda: scale(client, MODEL, 0, serving_store), "unregister the model"),
+        (lambda: scale(client, MODEL, -1, serving_store), "workers must be in"),
+        (lambda: scale(client, MODEL, 1.5, serving_store), "workers must be an integer"),
+        (lambda: scale(client, MODEL, MAX_WORKERS + 1, serving_store), "workers must be in"),
+        (lambda: scale(client, "../../x", 1, serving_store), "model name"),
         (lambda: client.set_workers(MODEL, 0), "workers"),
         (lambda: client.register(V2_FILE, batch_size=-1), "batch_size"),
         (lambda: client.register(V2_FILE, max_batch_delay=-5), "max_batch_delay"),
@@ -608,7 +611,7 @@ def test_scale_without_loss_under_traffic(server, client, serving_store, images,
     try:
         time.sleep(1.0)
         for n in (4, 1, 3, 1):
-            result = client.scale(MODEL, n, serving_store, start_at_once=1)  # a busy 2-core machine
+            result = scale(client, MODEL, n, serving_store, start_at_once=1)  # a busy 2-core machine
             steps.append(result)
             entries = client.describe(MODEL)
             assert [e["modelVersion"] for e in entries] == [result.version]  # one version at a time

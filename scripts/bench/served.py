@@ -9,11 +9,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+from handler.config import HandlerConfig
 from scripts.bench.load import ProcessCPU, aggregate, run_load
 from scripts.bench.parity import BenchError
 from scripts.bench.timing import Progress
 from scripts.bench.workload import Workload
 from scripts.client import NO_RETRY, Client
+from scripts.settings import ModelConfig
 
 
 class ServedSetting(NamedTuple):
@@ -44,7 +46,7 @@ def bench_client(server, timeout: float = 120) -> Callable[[], Client]:
 def _wait_gone(client, model: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if client._manage("GET", f"/models/{model}").status_code == 404:
+        if client.manage("GET", f"/models/{model}").status_code == 404:
             return
         time.sleep(0.3)
 
@@ -78,7 +80,7 @@ def bench_served(
     model's: the frontend + worker IPC limit. Entries say which they are in ``kind`` ("model" or
     "null").
     """
-    from scripts.archive import ModelConfig, archive
+    from scripts.archive import archive
     from scripts.serve import Server
 
     workdir = Path(workdir)
@@ -99,16 +101,10 @@ def bench_served(
         if kind == "null":
             mars[model] = archive_null(model, store, setting, cuda)
         else:
-            mc = ModelConfig(
-                batch_size=b,
-                max_batch_delay=d,
-                min_workers=n,
-                max_workers=n,
-                device_type="gpu" if cuda else "cpu",
-                precision=f.precision,
-                torch_threads=None if cuda else max(1, threads // n),
+            handler = HandlerConfig(
+                precision=f.precision, torch_threads=None if cuda else max(1, threads // n)
             )
-            mars[model] = archive(f.export_dir, model, "1.0", store, mc)
+            mars[model] = archive(f.export_dir, model, "1.0", store, served_config(setting, cuda, handler))
         progress.tick(model)
     progress.end()
 
@@ -138,7 +134,7 @@ def bench_served(
                 raise BenchError(f"TorchServe refused {mar.name}: {r.status_code} {r.text[:300]}")
             desc = mgmt.describe(model)[0]
             if len(desc.get("workers", [])) < n:
-                mgmt.scale(model, n)
+                mgmt.set_workers(model, n)
                 desc = mgmt.describe(model)[0]
             entry["reported"] = {
                 "batchSize": desc.get("batchSize"),
@@ -174,31 +170,24 @@ NULL_NAME = "null"
 NULL_HANDLER = Path(__file__).with_name("null_handler.py")
 
 
+def served_config(setting: ServedSetting, cuda: bool, handler: HandlerConfig | None = None) -> ModelConfig:
+    """The archive's model-config for one served setting (the model's and the null handler's alike)."""
+    b, d, n = setting
+    return ModelConfig(
+        batch_size=b,
+        max_batch_delay=d,
+        min_workers=n,
+        max_workers=n,
+        device_type="gpu" if cuda else "cpu",
+        handler=handler or HandlerConfig(),
+    )
+
+
 def archive_null(name: str, store: Path, setting: ServedSetting, cuda: bool) -> Path:
     """The null handler in its own tiny .mar, built by the real torch-model-archiver (no model file)."""
-    import subprocess
-    import tempfile
+    from scripts.archive import run_archiver
 
-    import yaml
-
-    from scripts.paths import executable
-
-    b, d, n = setting
-    with tempfile.TemporaryDirectory() as tmp:
-        config = Path(tmp) / "model-config.yaml"
-        config.write_text(
-            yaml.safe_dump(
-                {"batchSize": b, "maxBatchDelay": d, "minWorkers": n, "maxWorkers": n,
-                 "responseTimeout": 120, "deviceType": "gpu" if cuda else "cpu"}
-            )
-        )  # fmt: skip
-        env = {**os.environ, "TMPDIR": tmp}
-        subprocess.run(
-            [executable("torch-model-archiver"), "--model-name", name, "--version", "1.0",
-             "--handler", str(NULL_HANDLER), "--config-file", str(config), "--export-path", str(store), "--force"],
-            check=True, env=env, capture_output=True,
-        )  # fmt: skip
-    return store / f"{name}.mar"
+    return run_archiver(name, "1.0", store, served_config(setting, cuda), NULL_HANDLER)
 
 
 def _alive(pid: int) -> bool:
