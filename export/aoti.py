@@ -3,39 +3,27 @@
 The package holds the same network as the TorchScript file (backbone + BiFPN + heads, per-level
 outputs; no post-processing) compiled ahead of time to C++ (CPU) or C++ + Triton (CUDA), with a
 dynamic batch dimension. The image size is fixed: effdet builds its BiFPN resampling for the
-config size, as for TorchScript.
+config size, as for TorchScript. It runs only on the device, precision and torch it was compiled
+for (``handler/aoti_network.py`` checks).
 
 Parity: fp32 packages must match eager effdet (fp32, same device, TF32 off on both sides) within
-``PARITY_TOLERANCE`` (1e-4), the TorchScript gate. fp16 packages are compared with the same fp32
-eager reference; half precision keeps ~3 significant digits through ~100 layers, so their gate
-is ``FP16_TOLERANCE`` relative to the largest reference output (see ``tolerance``).
+1e-4, the gate of every format; fp16 packages are compared with the same fp32 eager reference
+within a tolerance relative to the largest output (``export.core.tolerance``).
 """
 
 from __future__ import annotations
 
-import re
-import shutil
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from export.core import PARITY_TOLERANCE, ExportError, Parity
-from handler.network import META_DTYPE, META_IMAGE_SIZE, META_LEVELS, META_MAX_BATCH, AotiNetwork
+from export.core import ExportError, Parity, build_eager, check_parity, describe_failure, levels_of, staged
+from handler.aoti_network import META_DTYPE, META_IMAGE_SIZE, META_LEVELS, META_MAX_BATCH, AotiNetwork
+from handler.card import ModelCard
 
-FP16_TOLERANCE = 1e-2  # x max(1, max |reference output|)
 MAX_BATCH = 256  # upper end of the dynamic batch dimension (TorchServe batch sizes stay far below)
 PACKAGE = "model.pt2"
-
-
-def tolerance(dtype: torch.dtype, reference_scale: float) -> float:
-    """The largest absolute difference from eager fp32 effdet a package of ``dtype`` may show."""
-    if dtype == torch.float16:
-        return FP16_TOLERANCE * max(1.0, reference_scale)
-    return PARITY_TOLERANCE
 
 
 def capture(
@@ -49,18 +37,6 @@ def capture(
             return torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
     except Exception as e:  # torch.export raises many types; the user needs the op and the line
         raise ExportError(f"torch.export cannot capture the network: {describe_failure(e)}") from e
-
-
-def describe_failure(e: BaseException) -> str:
-    """One line: the unsupported op when torch names one, else the first line and the model code at fault."""
-    func = getattr(e, "func", None)  # FakeTensor's UnsupportedOperatorException carries the op
-    if isinstance(func, torch._ops.OpOverload):
-        return f"unsupported op {func.name()} (no meta/fake kernel, so its output shapes cannot be traced)"
-    text = str(e).strip()
-    first = text.splitlines()[0] if text else type(e).__name__
-    at = re.search(r'File "([^"]+)", line (\d+), in (\w+)\n\s*(.+)', text)
-    where = f" at {Path(at[1]).name}:{at[2]} in {at[3]}: {at[4].strip()}" if at else ""
-    return f"{type(e).__name__}: {first}{where}"
 
 
 def compile_package(
@@ -87,50 +63,17 @@ def compile_package(
     return time.perf_counter() - start
 
 
-@contextmanager
-def true_fp32() -> Iterator[None]:
-    """TF32 off for both sides of a CUDA parity check (CPU is unaffected)."""
-    conv, mm = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, mm
-
-
 def check_aoti_parity(
     eager: torch.nn.Module,
     package: str | Path,
     image_size: tuple[int, int],
     device: torch.device,
     dtype: torch.dtype,
-    batches: tuple[int, ...] = (1, 3),
-    seed: int = 0,
 ) -> Parity:
-    """Eager fp32 effdet vs the loaded package on random inputs (batch 1 and 3); raise above tolerance."""
-    loaded = AotiNetwork(package, device, dtype)
-    eager = eager.to(device).float().eval()
-    gen = torch.Generator().manual_seed(seed)
-    worst, scale, checked, shapes = 0.0, 0.0, 0, []
-    with torch.no_grad(), true_fp32():
-        for b in batches:
-            x = torch.randn(b, 3, *image_size, generator=gen).to(device)
-            ref_cls, ref_box = eager(x)
-            got_cls, got_box = loaded(x.to(dtype))
-            for ref, got in zip([*ref_cls, *ref_box], [*got_cls, *got_box], strict=True):
-                if ref.shape != got.shape:
-                    raise ExportError(f"shape mismatch {list(ref.shape)} vs {list(got.shape)} at batch {b}")
-                worst = max(worst, float((ref - got.float()).abs().max()))
-                scale = max(scale, float(ref.abs().max()))
-                checked += 1
-            shapes.append([b, 3, *image_size])
-    limit = tolerance(dtype, scale)
-    if not worst <= limit:  # also refuses NaN
-        raise ExportError(
-            f"AOTInductor package differs from eager effdet by {worst:.3g} > {limit:.3g} "
-            f"({str(dtype).removeprefix('torch.')}, {device.type})"
-        )
-    return Parity(worst, shapes, checked, scale)
+    """Eager fp32 effdet vs the loaded package (batch 1 and 3); raise above the tolerance for ``dtype``."""
+    return check_parity(
+        eager, AotiNetwork(package, device, dtype), image_size, "AOTInductor package", device, dtype
+    )
 
 
 def to_aoti(
@@ -150,14 +93,35 @@ def to_aoti(
     """
     model = eager.to(device=device, dtype=dtype).eval()
     program = capture(model, image_size, device, dtype)
-    out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".aoti-", dir=out))
-    try:
-        staged = staging / PACKAGE
-        seconds = compile_package(program, staged, image_size, dtype, levels)
-        parity = check_aoti_parity(reference, staged, image_size, device, dtype)
-        final = out / PACKAGE
-        staged.replace(final)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return final, seconds, parity
+    with staged(out, PACKAGE) as path:
+        seconds = compile_package(program, path, image_size, dtype, levels)
+        parity = check_aoti_parity(reference, path, image_size, device, dtype)
+    return out / PACKAGE, seconds, parity
+
+
+def write(
+    card: ModelCard, weights: dict, out: Path, device: str | None = None, precision: str = "fp32"
+) -> dict:
+    """``out/model.pt2`` compiled for ``device`` (default: cuda if present) once it has passed parity."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if precision not in ("fp32", "fp16"):
+        raise ValueError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("an fp16 package needs --device cuda")
+    dtype = torch.float16 if precision == "fp16" else torch.float32
+    size = card.preprocessing.size
+    path, seconds, parity = to_aoti(
+        build_eager(card, weights), build_eager(card, weights), out, size, device, dtype, len(levels_of(card))
+    )
+    start = time.perf_counter()
+    AotiNetwork(path, device, dtype)
+    return {
+        "method": "torch.export + AOTInductor",
+        "device": device.type,
+        "precision": precision,
+        "max_batch": MAX_BATCH,
+        "compile_seconds": round(seconds, 1),
+        "parity": parity.as_dict(),
+        "warnings": [],
+        "load_seconds": round(time.perf_counter() - start, 3),
+    }

@@ -1,44 +1,34 @@
-"""Checkpoint -> TorchScript network that saves, loads without effdet, and matches eager effdet.
+"""What every export format shares: the trained weights, eager effdet (the reference), the parity gate,
+and writing a network file only once it has passed.
 
-effdet 0.4.1 scripts after ``toggle_head_bn_level_first()`` but ``torch.jit.save`` then fails
-("Could not export Python function call '_forward'", effdet issue #283): ``HeadNet.forward``
-still references the ``@torch.jit.ignore``-d ``_forward``. ``SaveableHeadNet`` is a subclass
-whose forward only takes the level-first path, so nothing unsaveable is reachable. What goes
-into TorchScript is the network (backbone + BiFPN + heads, all levels); top-k, NMS and
-rescaling stay in ``handler/``.
+Each format (``export/torchscript.py``, ``export/aoti.py``, ``export/onnx.py``) turns eager effdet
+into its file; ``export/formats.py`` is the registry and the one ``export`` function.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import shutil
 import tempfile
-import time
-import warnings
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from effdet.efficientdet import EfficientDet, HeadNet
+from effdet.efficientdet import EfficientDet
 
-from handler.card import MODEL_CARD, ModelCard
-from handler.network import TORCHSCRIPT_NOTICE, AotiNetwork, torchscript_on_purpose
+from handler.card import ModelCard
+from handler.network import Network
 from train.config import create_effdet
 
-PARITY_TOLERANCE = 1e-4
-
-
-class SaveableHeadNet(HeadNet):
-    """effdet's HeadNet with a forward TorchScript can save (level-first batch norms only)."""
-
-    def forward(self, x: list[torch.Tensor]) -> list[torch.Tensor]:
-        return self._forward_level_first(x)
+PARITY_TOLERANCE = 1e-4  # every head output of an fp32 network file against eager fp32 effdet
+FP16_TOLERANCE = 1e-2  # x max(1, max |reference output|): half precision keeps ~3 digits over ~100 layers
 
 
 class ExportError(RuntimeError):
-    """Export refused: mismatched checkpoint, or TorchScript not matching eager."""
+    """Export refused: mismatched checkpoint, a network the format cannot capture, or parity failed."""
 
 
 def load_weights(checkpoint: str | Path, card: ModelCard) -> dict[str, torch.Tensor]:
@@ -84,77 +74,111 @@ def build_eager(card: ModelCard, weights: dict[str, torch.Tensor]) -> EfficientD
     return model.eval()
 
 
-def make_scriptable(model: EfficientDet) -> EfficientDet:
-    """Level-first head batch norms + saveable HeadNet; values unchanged."""
-    model.toggle_head_bn_level_first()
-    for head in (model.class_net, model.box_net):
-        head.__class__ = SaveableHeadNet
-    return model
+def levels_of(card: ModelCard) -> range:
+    """The feature levels the network outputs (effdet's min_level..max_level, e.g. 3..7)."""
+    cfg = card.effdet_config
+    return range(int(cfg["min_level"]), int(cfg["max_level"]) + 1)
 
 
+# -- the parity gate ---------------------------------------------------------------------------------
 @dataclass
 class Parity:
     max_abs_diff: float
     inputs: list[list[int]]
     outputs_checked: int
     reference_scale: float = 0.0  # largest |eager output|, for tolerances relative to it
+    tolerance: float = PARITY_TOLERANCE
+
+    def as_dict(self) -> dict:
+        """What model.json records of the check."""
+        d = asdict(self)
+        d.pop("reference_scale")
+        return d
 
 
-def to_torchscript(
-    model: EfficientDet, method: str, image_size: tuple[int, int]
-) -> tuple[torch.jit.ScriptModule, list[str]]:
-    """Script (default) or trace the network; returns the module and any warnings it raised."""
-    model = make_scriptable(model)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        with torch.no_grad():
-            if method == "script":
-                ts = torch.jit.script(model)
-            elif method == "trace":
-                ts = torch.jit.trace(model, torch.randn(1, 3, *image_size), check_trace=False)
-            else:
-                raise ValueError(f"method must be 'script' or 'trace', got {method!r}")
-    messages = sorted(
-        {
-            str(w.message).splitlines()[0]
-            for w in caught
-            if not (issubclass(w.category, FutureWarning) and re.match(TORCHSCRIPT_NOTICE, str(w.message)))
-        }
-    )
-    return ts, messages
+def tolerance(dtype: torch.dtype, reference_scale: float) -> float:
+    """The largest absolute difference from eager fp32 effdet a network of ``dtype`` may show."""
+    if dtype == torch.float16:
+        return FP16_TOLERANCE * max(1.0, reference_scale)
+    return PARITY_TOLERANCE
+
+
+@contextmanager
+def true_fp32() -> Iterator[None]:
+    """TF32 off for both sides of a CUDA parity check (CPU is unaffected)."""
+    conv, mm = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, mm
 
 
 def check_parity(
-    eager: EfficientDet,
-    scripted_path: str | Path,
-    sizes: list[tuple[int, int]],
-    batches: int = 2,
+    eager: torch.nn.Module,
+    network: Network,
+    image_size: Sequence[int],
+    what: str,
+    device: torch.device = torch.device("cpu"),
+    dtype: torch.dtype = torch.float32,
+    batches: Sequence[int] = (1, 3),
     seed: int = 0,
 ) -> Parity:
-    """Eager effdet vs the saved-and-reloaded TorchScript on random inputs; raise above tolerance."""
-    with torchscript_on_purpose():
-        loaded = torch.jit.load(str(scripted_path), map_location="cpu").eval()
+    """Eager fp32 effdet vs a loaded network file on random inputs (batch 1 and 3: the file must
+    not be specialised to one batch size); raise ``ExportError`` above the tolerance for ``dtype``."""
+    eager = eager.to(device).float().eval()
     gen = torch.Generator().manual_seed(seed)
-    worst, checked, shapes = 0.0, 0, []
-    with torch.no_grad():
-        for h, w in sizes:
-            for b in range(batches):
-                x = torch.randn(b + 1, 3, h, w, generator=gen)
-                ref_cls, ref_box = eager(x)
-                got_cls, got_box = loaded(x)
-                for ref, got in zip([*ref_cls, *ref_box], [*got_cls, *got_box], strict=True):
-                    if ref.shape != got.shape:
-                        raise ExportError(
-                            f"shape mismatch {list(ref.shape)} vs {list(got.shape)} at input {h}x{w}"
-                        )
-                    worst = max(worst, float((ref - got).abs().max()))
-                    checked += 1
-                shapes.append([b + 1, 3, h, w])
-    if worst > PARITY_TOLERANCE:
+    worst, scale, checked, shapes = 0.0, 0.0, 0, []
+    with torch.no_grad(), true_fp32():
+        for b in batches:
+            x = torch.randn(b, 3, *image_size, generator=gen).to(device)
+            ref_cls, ref_box = eager(x)
+            got_cls, got_box = network(x.to(dtype))
+            for ref, got in zip([*ref_cls, *ref_box], [*got_cls, *got_box], strict=True):
+                if ref.shape != got.shape:
+                    raise ExportError(
+                        f"{what}: shape {list(got.shape)} instead of {list(ref.shape)} at batch {b}"
+                    )
+                worst = max(worst, float((ref - got.float()).abs().max()))
+                scale = max(scale, float(ref.abs().max()))
+                checked += 1
+            shapes.append([b, 3, *image_size])
+    limit = tolerance(dtype, scale)
+    if not worst <= limit:  # also refuses NaN
         raise ExportError(
-            f"TorchScript differs from eager effdet by {worst:.3g} > {PARITY_TOLERANCE} (fp32, CPU)"
+            f"{what} differs from eager effdet by {worst:.3g} > {limit:.3g} "
+            f"({str(dtype).removeprefix('torch.')}, {torch.device(device).type})"
         )
-    return Parity(worst, shapes, checked)
+    return Parity(worst, shapes, checked, scale, limit)
+
+
+@contextmanager
+def staged(out: Path, name: str) -> Iterator[Path]:
+    """A path to write ``name`` to in a private directory beside ``out/name``; moved into place only
+    when the block ends without an error, so a failed capture or parity check leaves nothing behind."""
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
+    try:
+        path = staging / name
+        yield path
+        path.replace(out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def describe_failure(e: BaseException) -> str:
+    """One line: the unsupported op when torch names one, else the first line and the model code at fault."""
+    func = getattr(e, "func", None)  # FakeTensor's UnsupportedOperatorException carries the op
+    if isinstance(func, torch._ops.OpOverload):
+        return f"unsupported op {func.name()} (no meta/fake kernel, so its output shapes cannot be traced)"
+    for inner in (e.__cause__, e.__context__):  # torch.onnx wraps torch.export's error
+        if inner is not None and isinstance(getattr(inner, "func", None), torch._ops.OpOverload):
+            return describe_failure(inner)
+    text = str(e).strip()
+    first = text.splitlines()[0] if text else type(e).__name__
+    at = re.search(r'File "([^"]+)", line (\d+), in (\w+)\n\s*(.+)', text)
+    where = f" at {Path(at[1]).name}:{at[2]} in {at[3]}: {at[4].strip()}" if at else ""
+    return f"{type(e).__name__}: {first}{where}"
 
 
 def sha256(path: str | Path) -> str:
@@ -163,129 +187,3 @@ def sha256(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def timed_load(path: str | Path) -> float:
-    """Seconds to ``torch.jit.load`` the file on CPU."""
-    start = time.perf_counter()
-    with torchscript_on_purpose():
-        torch.jit.load(str(path), map_location="cpu")
-    return time.perf_counter() - start
-
-
-# -- the export itself: checkpoint -> network file + model.json ------------------------------------
-DEFAULT_OUT = {"script": "export", "aoti": "export_aoti"}
-
-
-def export(
-    checkpoint: str | Path,
-    out: str | Path,
-    card_dir: str | Path | None = None,
-    method: str = "script",
-    freeze: bool = False,
-    parity_sizes: list[tuple[int, int]] | None = None,
-    fmt: str = "script",
-    device: str | None = None,
-    precision: str = "fp32",
-) -> ModelCard:
-    """Checkpoint + model.json -> out/{model.pt or model.pt2, model.json, index_to_name.json}; returns the card."""
-    if fmt not in DEFAULT_OUT:
-        raise ValueError(f"format must be 'script' or 'aoti', got {fmt!r}")
-    checkpoint, out = Path(checkpoint), Path(out)
-    card = ModelCard.load(card_dir or checkpoint.parent)
-    weights = load_weights(checkpoint, card)
-    if fmt == "aoti":
-        info = _export_aoti(card, weights, out, device, precision)
-    else:
-        if device not in (None, "cpu") or precision != "fp32":
-            raise ValueError("TorchScript export runs on CPU in fp32 (the handler casts to fp16 on CUDA)")
-        info = _export_script(card, weights, out, method, freeze, parity_sizes)
-    path = out / info["file"]
-    card = card.with_export(
-        {
-            **info,
-            "torch": torch.__version__,
-            "checkpoint": str(checkpoint),
-            "bytes": path.stat().st_size,
-            "sha256": sha256(path),
-        }
-    )
-    card.save(out / MODEL_CARD)
-    (out / "index_to_name.json").write_text(json.dumps(card.index_to_name(), indent=2) + "\n")
-    return card
-
-
-def _export_script(
-    card: ModelCard, weights: dict, out: Path, method: str, freeze: bool, parity_sizes
-) -> dict:
-    size = card.preprocessing.size
-    eager = build_eager(card, weights)
-    ts, messages = to_torchscript(build_eager(card, weights), method, size)
-    out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".script-", dir=out))
-    try:
-        staged = staging / "model.pt"
-        with torchscript_on_purpose():
-            if freeze:
-                ts = torch.jit.freeze(ts)
-            torch.jit.save(ts, str(staged))
-        # effdet builds its BiFPN resampling for the config image size: the network takes that size only.
-        parity = check_parity(eager, staged, parity_sizes or [size])
-        staged.replace(out / "model.pt")
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return {
-        "format": "script",
-        "method": method,
-        "frozen": freeze,
-        "device": "cpu",
-        "precision": "fp32",
-        "parity": _parity(parity, PARITY_TOLERANCE),
-        "warnings": messages,
-        "file": "model.pt",
-        "load_seconds": round(timed_load(out / "model.pt"), 3),
-    }
-
-
-def _export_aoti(card: ModelCard, weights: dict, out: Path, device: str | None, precision: str) -> dict:
-    from export.aoti import MAX_BATCH, to_aoti, tolerance  # imports torch._inductor: only when asked
-
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if precision not in ("fp32", "fp16"):
-        raise ValueError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("an fp16 package needs --device cuda")
-    dtype = torch.float16 if precision == "fp16" else torch.float32
-    size = card.preprocessing.size
-    cfg = card.effdet_config
-    levels = int(cfg["max_level"]) - int(cfg["min_level"]) + 1
-    path, seconds, parity = to_aoti(
-        build_eager(card, weights), build_eager(card, weights), out, size, device, dtype, levels
-    )
-    return {
-        "format": "aoti",
-        "method": "torch.export + AOTInductor",
-        "device": device.type,
-        "precision": precision,
-        "max_batch": MAX_BATCH,
-        "compile_seconds": round(seconds, 1),
-        "parity": _parity(parity, tolerance(dtype, parity.reference_scale)),
-        "warnings": [],
-        "file": path.name,
-        "load_seconds": round(_timed_aoti_load(path, device, dtype), 3),
-    }
-
-
-def _parity(parity, limit: float) -> dict:
-    return {
-        "max_abs_diff": parity.max_abs_diff,
-        "tolerance": limit,
-        "inputs": parity.inputs,
-        "outputs_checked": parity.outputs_checked,
-    }
-
-
-def _timed_aoti_load(path: Path, device: torch.device, dtype: torch.dtype) -> float:
-    start = time.perf_counter()
-    AotiNetwork(path, device, dtype)
-    return time.perf_counter() - start

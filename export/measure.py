@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from handler.card import ModelCard
-from handler.network import load_network
+from handler.network import load_network, network_format
 
 LOAD = """
 import sys, time, json, torch, torchvision.ops
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(
             {
                 "file": str(f),
-                "format": e.get("format", "script"),
+                "format": network_format(f).name,
                 "mb": round(f.stat().st_size / 1e6, 1),
                 "compile_s": e.get("compile_seconds"),
                 "load_s": round(load_seconds(f, a.loads), 3),

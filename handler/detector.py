@@ -1,4 +1,4 @@
-"""The serving core, usable without TorchServe: load the TorchScript + model.json, predict.
+"""The serving core, usable without TorchServe: load the network file + model.json, predict.
 
     det = Detector("runs/demo/export/model.pt")
     results = det.predict([open("a.jpg", "rb").read()], score_threshold=0.3)
@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from handler.answer import Answer, Detection
 from handler.card import ModelCard
 from handler.decode import DEFAULT_MAX_PIXELS, RequestError, decode_image, decode_images, pil_to_tensor
 from handler.geometry import letterbox_batch
-from handler.network import load_network
+from handler.network import load_network, network_format
 from handler.postprocess import AnchorConfig, detect, generate_anchors
 from handler.request import Params
 
@@ -42,7 +43,7 @@ def bucket_sizes(max_batch: int) -> tuple[int, ...]:
 
 
 class Detector:
-    """TorchScript EfficientDet + the shared geometry + vectorised effdet post-processing."""
+    """The exported EfficientDet network + the shared geometry + vectorised effdet post-processing."""
 
     def __init__(
         self,
@@ -83,9 +84,10 @@ class Detector:
         )
         self.max_pixels = max_pixels
         self.anchors = generate_anchors(AnchorConfig.from_effdet_config(card.effdet_config)).to(self.device)
-        self.model = load_network(model_path, self.device, self.dtype)  # model.pt or model.pt2
-        if not isinstance(self.model, torch.jit.ScriptModule):
-            self.channels_last = False  # an AOTInductor package was compiled for contiguous inputs
+        self.format = network_format(model_path)
+        self.model = load_network(model_path, self.device, self.dtype)
+        if not self.format.channels_last:
+            self.channels_last = False  # compiled (AOTInductor) or exported (ONNX) for contiguous input
         elif self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
 
@@ -120,7 +122,7 @@ class Detector:
 
     @torch.inference_mode()
     def forward(self, batch: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The TorchScript network alone: per-level class and box head outputs."""
+        """The network alone: per-level class and box head outputs."""
         return self.model(batch)
 
     @torch.inference_mode()
@@ -196,16 +198,22 @@ class Detector:
 
     def to_response(self, detections: torch.Tensor, width: int, height: int, params: Params) -> dict:
         """One image's detection rows -> the JSON response contract (without the model block)."""
-        return self.to_responses(detections.unsqueeze(0), [(width, height)], [params])[0]
+        return self.answers(detections.unsqueeze(0), [(width, height)], [params])[0].to_json()
 
     def to_responses(
         self, detections: torch.Tensor, sizes: Sequence[tuple[int, int]], params: Sequence[Params]
     ) -> list[dict]:
-        """A batch's rows [B, N, 6] -> one response per image, each with its own (width, height) and Params.
+        """``answers`` as JSON documents."""
+        return [a.to_json() for a in self.answers(detections, sizes, params)]
+
+    def answers(
+        self, detections: torch.Tensor, sizes: Sequence[tuple[int, int]], params: Sequence[Params]
+    ) -> list[Answer]:
+        """A batch's rows [B, N, 6] -> one ``Answer`` per image, each with its own (width, height) and Params.
 
         Rounding, the threshold on the shown score and ``max_detections`` are tensor operations
         over the whole batch (float64 ``round`` with decimals gives what Python's ``round`` gives
-        for every float32 input); what is left per detection is building its dict.
+        for every float32 input); what is left per detection is building its object.
         """
         d = detections.detach().to("cpu", torch.float64)
         shown = torch.round(d[..., 4], decimals=SCORE_DECIMALS)  # the threshold applies to the shown score
@@ -222,22 +230,12 @@ class Detector:
         labels = self.labels
         out, start = [], 0
         for (width, height), n in zip(sizes, counts, strict=True):
-            rows = range(start, start + n)
-            start += n
-            out.append(
-                {
-                    "image": {"width": int(width), "height": int(height)},
-                    "detections": [
-                        {
-                            "box": boxes[k],
-                            "score": scores[k],
-                            "class_id": classes[k],
-                            "label": labels.get(classes[k], str(classes[k])),
-                        }
-                        for k in rows
-                    ],
-                }
+            found = tuple(
+                Detection(tuple(boxes[k]), scores[k], classes[k], labels.get(classes[k], str(classes[k])))
+                for k in range(start, start + n)
             )
+            start += n
+            out.append(Answer(int(width), int(height), found))
         return out
 
     def predict(

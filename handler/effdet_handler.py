@@ -17,6 +17,7 @@ from http import HTTPStatus
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
+from handler.answer import ModelInfo
 from handler.card import ModelCard
 from handler.config import HandlerConfig
 from handler.decode import FORMATS, RequestError
@@ -58,10 +59,10 @@ class EffDetHandler(BaseHandler):
             channels_last=cfg.channels_last,
             buckets=[b for b in buckets if b <= batch_size] + [batch_size],
         )
-        self.model_info = {
-            "name": context.manifest["model"].get("modelName", card.name),
-            "version": context.manifest["model"].get("modelVersion", "1.0"),
-        }
+        self.model_info = ModelInfo(
+            context.manifest["model"].get("modelName", card.name),
+            context.manifest["model"].get("modelVersion", "1.0"),
+        )
         self.detector.warm_up()
         self.context = context
         self.initialized = True
@@ -104,7 +105,7 @@ class EffDetHandler(BaseHandler):
     def postprocess(self, detections: torch.Tensor | None, items: list) -> list[dict]:
         good = [it for it in items if isinstance(it, tuple)]
         responses = (
-            self.detector.to_responses(
+            self.detector.answers(
                 detections, [(img.shape[-1], img.shape[-2]) for img, _ in good], [p for _, p in good]
             )
             if good
@@ -136,7 +137,7 @@ class EffDetHandler(BaseHandler):
             if isinstance(item, dict):  # a describe row's card
                 answers.append(item)
                 continue
-            answers.append({"model": self.model_info, **responses[k]} | ({"request_id": rid} if rid else {}))
+            answers.append(responses[k].served(self.model_info, rid).to_json())
             k += 1
         return answers
 
@@ -170,7 +171,7 @@ class EffDetHandler(BaseHandler):
         val mAP) stay in model.json inside the archive, for operators."""
         defaults = self.detector.defaults
         return {
-            "model": self.model_info,
+            "model": self.model_info.to_json(),
             "classes": list(self.detector.card.classes),
             "image_size": list(self.detector.geometry.size),
             "defaults": {

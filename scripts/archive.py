@@ -2,10 +2,11 @@
 
     python -m scripts.archive runs/effdet_demo/export --name effdet_demo --version 1.0
 
-The archive holds the network the export wrote (``model.pt``, TorchScript, or ``model.pt2``,
-AOTInductor: model.json's ``export.file`` says which, and the manifest's ``serializedFile`` tells
-the handler), ``model.json``, ``index_to_name.json``, the ``handler``
-package and a ``model-config.yaml``; serving it needs torch, torchvision, PIL and TorchServe only.
+The archive holds the network the export wrote (``model.pt``, TorchScript; ``model.pt2``,
+AOTInductor; or ``model.onnx``, ONNX: model.json's ``export.file`` says which, and the manifest's
+``serializedFile`` tells the handler), ``model.json``, ``index_to_name.json``, the ``handler``
+package and a ``model-config.yaml`` (``scripts.settings.ModelConfig``). Serving it needs torch,
+torchvision, PIL and TorchServe only (and onnxruntime for an ONNX network).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from handler.network import DEFAULT_FORMAT, NETWORK_FORMATS, network_format
 from scripts.paths import MODEL_STORE, ROOT, executable
 from scripts.settings import ModelConfig, add_config_arguments, check_name, config_from_args
 
@@ -30,27 +32,17 @@ ENTRY = "effdet_handler.py"
 
 
 def network_file(export_dir: Path, config: ModelConfig) -> Path:
-    """The network the export wrote (model.json's ``export.file``): model.pt or model.pt2.
+    """The network the export wrote (model.json's ``export.file``: model.pt, model.pt2 or model.onnx).
 
-    A ``.pt2`` is compiled for one device and precision: an archive that would make its workers
-    load it elsewhere is refused here rather than in every worker.
+    A network that cannot run where the archive's workers will (a ``.pt2`` compiled for another
+    device or precision) is refused here rather than in every worker.
     """
     card_path = export_dir / "model.json"
     info = json.loads(card_path.read_text()).get("export", {}) if card_path.is_file() else {}
-    path = export_dir / info.get("file", "model.pt")
-    if info.get("format") == "aoti":
-        want = "cuda" if config.device_type == "gpu" else "cpu"
-        if info.get("device") != want:
-            raise ValueError(
-                f"{path} was compiled for {info.get('device')} but the archive's workers run on {want}; "
-                f"export again with --device {want} or archive with --device-type "
-                f"{'gpu' if info.get('device') == 'cuda' else 'cpu'}"
-            )
-        if want == "cuda" and info.get("precision") != config.handler.precision:
-            raise ValueError(
-                f"{path} was compiled for {info.get('precision')} but the archive asks for {config.handler.precision}; "
-                f"archive with --precision {info.get('precision')}"
-            )
+    path = export_dir / info.get("file", NETWORK_FORMATS[DEFAULT_FORMAT].file)
+    problem = network_format(path).placement(info, config.device_type, config.handler.precision)
+    if problem:
+        raise ValueError(f"{path} cannot be served by this archive's workers: {problem}")
     return path
 
 
@@ -68,13 +60,8 @@ def archive(
     for needed in (network.name, "model.json", "index_to_name.json"):
         if not (export_dir / needed).is_file():
             raise FileNotFoundError(f"{export_dir / needed} missing: run `python -m export` first")
-    with tempfile.TemporaryDirectory() as tmp:
-        # A directory given to --extra-files is copied by its contents: wrap the package so that
-        # the archive holds handler/*.py and the entry module can `import handler.detector`.
-        package = Path(tmp) / "pkg" / "handler"
-        shutil.copytree(HANDLER_DIR, package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        extra = [package.parent, export_dir / "model.json", export_dir / "index_to_name.json"]
-        return run_archiver(name, version, model_store, config, HANDLER_DIR / ENTRY, network, extra)
+    extra = [export_dir / "model.json", export_dir / "index_to_name.json"]
+    return run_archiver(name, version, model_store, config, HANDLER_DIR / ENTRY, network, extra)
 
 
 def run_archiver(
@@ -86,13 +73,19 @@ def run_archiver(
     serialized: Path | None = None,
     extra_files: Sequence[Path] = (),
 ) -> Path:
-    """torch-model-archiver with ``config`` as the archive's model-config.yaml; returns the .mar."""
+    """torch-model-archiver with ``config`` as the archive's model-config.yaml and the ``handler``
+    package beside ``handler`` (the entry module); returns the .mar."""
     check_name(name)
     check_name(version, "version")
     model_store = Path(model_store)
     model_store.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        # A directory given to --extra-files is copied by its contents: wrap the package so that
+        # the archive holds handler/*.py and the entry module can `import handler.detector`.
+        package = tmp / "pkg" / "handler"
+        shutil.copytree(HANDLER_DIR, package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        extra_files = [package.parent, *extra_files]
         cfg_file = tmp / "model-config.yaml"
         cfg_file.write_text(yaml.safe_dump(config.to_yaml(), sort_keys=False))
         cmd = [executable("torch-model-archiver"), "--model-name", name, "--version", version,
@@ -100,8 +93,7 @@ def run_archiver(
                "--export-path", str(model_store), "--force"]  # fmt: skip
         if serialized is not None:
             cmd += ["--serialized-file", str(serialized)]
-        if extra_files:
-            cmd += ["--extra-files", ",".join(str(f) for f in extra_files)]
+        cmd += ["--extra-files", ",".join(str(f) for f in extra_files)]
         # torch-model-archiver stages the files in $TMPDIR/<model-name> and deletes that folder
         # afterwards: point TMPDIR at our private directory so that a user's /tmp/<name> survives.
         staging = tmp / "staging"

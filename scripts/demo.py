@@ -13,7 +13,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from export.core import export
+from export.formats import export
+from handler.answer import Answer
 from handler.detector import Detector
 from scripts.archive import archive
 from scripts.client import Client
@@ -47,12 +48,13 @@ def ground_truth(records) -> list[dict]:
 
 
 def as_detections(image_id: int, response: dict) -> dict:
-    dets = response["detections"]
+    """One answer (its JSON) as ``train.metrics.coco_map`` takes detections."""
+    dets = Answer.from_json(response).detections
     return {
         "image_id": image_id,
-        "boxes": [d["box"] for d in dets],
-        "scores": [d["score"] for d in dets],
-        "labels": [d["class_id"] for d in dets],
+        "boxes": [list(d.box) for d in dets],
+        "scores": [d.score for d in dets],
+        "labels": [d.class_id for d in dets],
     }
 
 

@@ -47,7 +47,7 @@ def trained_run(synthetic_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def exported(trained_run) -> Path:
     """The run exported with torch.jit.script: model.pt, model.json, index_to_name.json."""
-    from export.core import export
+    from export.formats import export
 
     export(trained_run / "best.ckpt", trained_run / "export")
     return trained_run / "export"

@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
+import torch
+
 from scripts.paths import ROOT
 from scripts.serve import Server
 
@@ -59,6 +61,40 @@ def run_without_training_stack(body: str, *args: str, timeout: float = 300) -> d
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+# A TorchServe worker's Python with BLOCKED unimportable: TorchServe starts workers with its own
+# environment plus extra_env, so the block travels as a sitecustomize on PYTHONPATH, and every
+# interpreter that loaded it notes its pid and command line (a block that was not active proves nothing).
+SITECUSTOMIZE = """
+import os, sys
+with open(os.environ["EFFDET_BLOCK_MARKER"], "a") as f, open("/proc/self/cmdline", "rb") as c:
+    f.write(f"{{os.getpid()}} " + c.read().replace(b"\\0", b" ").decode(errors="replace") + "\\n")
+class _Block:
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname.partition(".")[0] in {blocked!r}:
+            raise ModuleNotFoundError(f"{{fullname}} is blocked in this worker")
+        return None
+sys.meta_path.insert(0, _Block())
+"""
+
+
+def training_stack_blocked(
+    workdir: Path, blocked: Sequence[str] = BLOCKED
+) -> tuple[dict, Callable[[], set[int]]]:
+    """(``extra_env`` for ``serving``, a function giving the pids of the workers that ran with the
+    block) for TorchServe workers that cannot import ``blocked``."""
+    block = workdir / "block"
+    block.mkdir(parents=True, exist_ok=True)
+    (block / "sitecustomize.py").write_text(SITECUSTOMIZE.format(blocked=set(blocked)))
+    marker = workdir / "marker.log"
+    env = {"PYTHONPATH": str(block), "EFFDET_BLOCK_MARKER": str(marker)}
+
+    def pids() -> set[int]:
+        lines = marker.read_text().splitlines() if marker.is_file() else []
+        return {int(line.split()[0]) for line in lines if "model_service_worker" in line}
+
+    return env, pids
+
+
 @contextmanager
 def serving(workdir: Path, store: Path, models: list[str], **server_args) -> Iterator[Server]:
     """A real TorchServe on free loopback ports serving ``models`` (``NAME=FILE.mar``), stopped on exit
@@ -100,3 +136,27 @@ def close_detections(score_tol: float, box_tol: float) -> Callable[[dict, dict],
         )
 
     return same
+
+
+# -- tiny networks for the export formats' failure paths (cheap to compile) --------------------------
+class TwoConvs(torch.nn.Module):
+    """The smallest network of effdet's output shape (one level)."""
+
+    def __init__(self):
+        super().__init__()
+        self.cls = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.box = torch.nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        return [self.cls(x)], [self.box(x)]
+
+
+# An op with a CPU kernel but no fake kernel: torch.export cannot trace it, so every format must name it.
+_lib = torch.library.Library("effdet_serve_test", "DEF")
+_lib.define("opaque(Tensor x) -> Tensor")
+_lib.impl("opaque", lambda x: x.clone(), "CPU")
+
+
+class WithOpaqueOp(TwoConvs):
+    def forward(self, x):
+        return [torch.ops.effdet_serve_test.opaque(self.cls(x))], [self.box(x)]

@@ -22,6 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
+from handler.answer import Answer
 from scripts import bench
 from scripts.serve import free_port
 
@@ -205,10 +206,14 @@ def test_null_handler_archive_and_answers(tmp_path):
         manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))
         config = yaml.safe_load(z.read("model-config.yaml"))
     assert "null_handler.py" in names and manifest["model"]["handler"] == "null_handler.py"
+    assert "handler/answer.py" in names  # the answer contract it answers with
     assert config["batchSize"] == 4 and config["maxBatchDelay"] == 5 and config["deviceType"] == "cpu"
     assert null_handler.handle(None, None) is None
     answers = null_handler.handle([{"body": b"x"}] * 3, None)
-    assert len(answers) == 3 and all("detections" in a for a in answers)
+    assert len(answers) == 3 and all(Answer.from_json(a).detections == () for a in answers)
+    # "no delay" is written as 1 ms, as for the model's archives: TorchServe reads an archive's 0 as 100 ms
+    with zipfile.ZipFile(bench.archive_null("null_b4_d0_w1", tmp_path, (4, 0, 1), cuda=False)) as z:
+        assert yaml.safe_load(z.read("model-config.yaml"))["maxBatchDelay"] == 1
 
 
 def test_train_export_trains_exports_and_is_reused(tmp_path):
@@ -383,35 +388,43 @@ def test_formats_side_by_side_ratios_and_report(tmp_path):
     results = _fake_results()
     aoti_model = [dict(r, images_per_s=2 * r["images_per_s"]) for r in results["model"]]
     aoti_points = [dict(p, throughput=3 * p["throughput"]) for p in results["served"][0]["points"]]
-    results["served"][0]["format"] = "script"
+    results["served"][0]["format"] = "torchscript"
     results["served"].append(
         {**results["served"][0], "format": "aoti", "model": "m_aoti", "points": aoti_points}
     )
     info = {"mb": 1.0, "load_s": 0.5, "compile_s": None}
-    results["formats"] = {"script": dict(info), "aoti": {**info, "compile_s": 200.0, "model": aoti_model}}
+    results["formats"] = {
+        "torchscript": dict(info),
+        "aoti": {**info, "compile_s": 200.0, "model": aoti_model},
+    }
     r = results["ratios"] = bench.ratios(results)
     assert r["served_best_images_per_s"] == 20.0  # TorchScript's, not the faster format's
     ceiling = max(x["images_per_s"] for x in results["model"])
     f = r["formats"]
-    assert f["script"]["ceiling_over_script"] == 1.0 and f["script"]["served_best_images_per_s"] == 20.0
+    assert (
+        f["torchscript"]["ceiling_over_torchscript"] == 1.0
+        and f["torchscript"]["served_best_images_per_s"] == 20.0
+    )
     assert f["aoti"]["ceiling_images_per_s"] == pytest.approx(2 * ceiling)
-    assert f["aoti"]["ceiling_over_script"] == pytest.approx(2.0)
-    assert f["aoti"]["served_best_over_script"] == pytest.approx(3.0)
+    assert f["aoti"]["ceiling_over_torchscript"] == pytest.approx(2.0)
+    assert f["aoti"]["served_best_over_torchscript"] == pytest.approx(3.0)
     assert f["aoti"]["served_over_ceiling"] == pytest.approx(60.0 / (2 * ceiling))
-    assert f["aoti"]["handler_best_images_per_s"] is None and f["aoti"]["handler_best_over_script"] is None
+    assert (
+        f["aoti"]["handler_best_images_per_s"] is None and f["aoti"]["handler_best_over_torchscript"] is None
+    )
     text = bench.report(results)
     assert "network formats side by side" in text and "5. served over HTTP (aoti)" in text
     assert any(
-        ln.split()[:3] == ["aoti", "/", "script"] and "served 3.00x" in ln
+        ln.split()[:3] == ["aoti", "/", "torchscript"] and "served 3.00x" in ln
         for ln in bench.ratio_lines(r).splitlines()
     )
     assert bench.plot(results, tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_formats_argument_always_keeps_torchscript_and_refuses_unknown_ones():
-    assert bench.parse_args([]).formats == ("script",)
-    assert bench.parse_args(["--formats", "aoti"]).formats == ("script", "aoti")
-    assert bench.parse_args(["--formats", "aoti,script"]).formats == ("script", "aoti")
+    assert bench.parse_args([]).formats == ("torchscript",)
+    assert bench.parse_args(["--formats", "aoti"]).formats == ("torchscript", "aoti")
+    assert bench.parse_args(["--formats", "onnx,aoti,torchscript"]).formats == ("torchscript", "aoti", "onnx")
     with pytest.raises(SystemExit):
         bench.parse_args(["--formats", "onnx"])
 

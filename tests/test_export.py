@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from export.core import ExportError, build_eager, export, load_weights
+from export.core import ExportError, build_eager, load_weights
+from export.formats import export
 from tests.helpers import run_without_training_stack
 from train.config import build_config, model_card
 from train.module import EffDetModule

@@ -27,15 +27,24 @@ import torch
 from export.__main__ import main as export_main
 from export.aoti import PACKAGE, check_aoti_parity, to_aoti
 from export.core import ExportError, build_eager, load_weights
+from handler.aoti_network import AotiNetwork
 from handler.card import ModelCard
 from handler.config import HandlerConfig
 from handler.detector import Detector
-from handler.network import AotiNetwork, load_network, torchscript_on_purpose
+from handler.network import load_network, torchscript_on_purpose
 from scripts.archive import archive
 from scripts.client import Client
 from scripts.paths import ROOT
 from scripts.settings import ModelConfig
-from tests.helpers import BLOCKED, close_detections, count_matched, run_without_training_stack, serving
+from tests.helpers import (
+    TwoConvs,
+    WithOpaqueOp,
+    close_detections,
+    count_matched,
+    run_without_training_stack,
+    serving,
+    training_stack_blocked,
+)
 
 TOLERANCE = 1e-4  # the fp32 parity gate, both formats
 
@@ -88,7 +97,7 @@ def test_cli_writes_a_checked_package_and_nothing_else(aoti_cli):
     assert e["parity"]["outputs_checked"] == 2 * 2 * 5  # batches 1 and 3 x (class + box) x 5 levels
     assert e["bytes"] == (out / PACKAGE).stat().st_size
     assert "torch.export + AOTInductor (cpu, fp32)" in stdout and "parity vs eager effdet" in stdout
-    assert f"for torch {torch.__version__}" in stdout
+    assert f"with torch {torch.__version__}" in stdout
 
 
 def test_package_matches_eager_and_torchscript_at_any_batch(aoti_dir, exported, eager):
@@ -156,18 +165,6 @@ def test_parity_gate_refuses_a_package_that_differs(aoti_dir, trained_run):
         )
 
 
-class TwoConvs(torch.nn.Module):
-    """The smallest network of effdet's output shape (one level): cheap to compile."""
-
-    def __init__(self):
-        super().__init__()
-        self.cls = torch.nn.Conv2d(3, 4, 3, padding=1)
-        self.box = torch.nn.Conv2d(3, 8, 3, padding=1)
-
-    def forward(self, x):
-        return [self.cls(x)], [self.box(x)]
-
-
 def test_failed_parity_leaves_no_package_behind(tmp_path):
     torch.manual_seed(0)
     model, reference = TwoConvs().eval(), TwoConvs().eval()  # different weights: parity must fail
@@ -175,18 +172,6 @@ def test_failed_parity_leaves_no_package_behind(tmp_path):
     with pytest.raises(ExportError, match="differs from eager effdet"):
         to_aoti(model, reference, out, (16, 16), torch.device("cpu"), torch.float32, levels=1)
     assert list(out.iterdir()) == []  # neither model.pt2 nor the staging directory
-
-
-lib = torch.library.Library("effdet_serve_test", "DEF")
-lib.define("opaque(Tensor x) -> Tensor")
-lib.impl(
-    "opaque", lambda x: x.clone(), "CPU"
-)  # a CPU kernel but no fake kernel: torch.export cannot trace it
-
-
-class WithOpaqueOp(TwoConvs):
-    def forward(self, x):
-        return [torch.ops.effdet_serve_test.opaque(self.cls(x))], [self.box(x)]
 
 
 def test_unsupported_op_is_named_and_nothing_is_written(tmp_path):
@@ -244,22 +229,9 @@ def test_torchscript_notice_is_kept_out_but_other_warnings_pass(exported):
 
 # -- the archive and the served answers --------------------------------------------------------------
 def test_archive_refuses_a_package_for_another_device(aoti_dir, tmp_path):
-    with pytest.raises(ValueError, match="compiled for cpu but the archive's workers run on cuda"):
+    with pytest.raises(ValueError, match="compiled for cpu but the workers run on cuda"):
         archive(aoti_dir, "x", "1.0", tmp_path, ModelConfig(device_type="gpu"))
     assert not list(tmp_path.glob("*.mar"))
-
-
-SITECUSTOMIZE = """
-import os, sys
-with open(os.environ["EFFDET_BLOCK_MARKER"], "a") as f, open("/proc/self/cmdline", "rb") as c:
-    f.write(f"{{os.getpid()}} " + c.read().replace(b"\\0", b" ").decode(errors="replace") + "\\n")
-class _Block:
-    def find_spec(self, fullname, path=None, target=None):
-        if fullname.partition(".")[0] in {blocked!r}:
-            raise ModuleNotFoundError(f"{{fullname}} is blocked in this worker")
-        return None
-sys.meta_path.insert(0, _Block())
-"""
 
 
 def near_tie_mismatches(a: list[dict], b: list[dict], score_tol: float = 3e-5, box_tol: float = 0.05) -> int:
@@ -280,11 +252,7 @@ def test_both_archives_serve_the_same_answers_without_the_training_stack(
         assert json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]["serializedFile"] == PACKAGE
         assert z.read(PACKAGE) == (aoti_dir / PACKAGE).read_bytes()
 
-    block = tmp_path / "block"
-    block.mkdir()
-    (block / "sitecustomize.py").write_text(SITECUSTOMIZE.format(blocked=set(BLOCKED)))
-    marker = tmp_path / "marker.log"
-    env = {"PYTHONPATH": str(block), "EFFDET_BLOCK_MARKER": str(marker)}
+    env, blocked_pids = training_stack_blocked(tmp_path)
     local = Detector(aoti_dir / PACKAGE)
     models = ["fmt_script=fmt_script.mar", "fmt_aoti=fmt_aoti.mar"]
     with serving(tmp_path / "ts", store, models, extra_env=env) as srv:
@@ -312,16 +280,13 @@ def test_both_archives_serve_the_same_answers_without_the_training_stack(
         log = (srv.workdir / "logs" / "model_log.log").read_text(errors="replace")
         assert "is blocked in this worker" not in log  # nothing in the serving path wanted the training stack
         assert "`torch.jit.load` is deprecated" not in log  # the notice stays out of the server log
-    blocked_in = {
-        int(line.split()[0]) for line in marker.read_text().splitlines() if "model_service_worker" in line
-    }
-    assert pids and pids <= blocked_in, "the block was not active in the serving workers"
+    assert pids and pids <= blocked_pids(), "the block was not active in the serving workers"
 
 
 # -- the benchmark: both formats side by side ---------------------------------------------------------
 @pytest.mark.slow
 def test_bench_runs_both_formats_side_by_side(trained_run, exported, aoti_dir, tmp_path):
-    """``python -m scripts.bench --formats script,aoti`` on a run holding both exports: the package
+    """``python -m scripts.bench --formats torchscript,aoti`` on a run holding both exports: the package
     beside the export is reused (compiled from the same checkpoint), both are timed alone and
     served at the same setting on one TorchServe, and every request of both is answered."""
     from scripts import bench
@@ -330,14 +295,14 @@ def test_bench_runs_both_formats_side_by_side(trained_run, exported, aoti_dir, t
     shutil.copytree(exported, run / "export")
     shutil.copytree(aoti_dir, run / "export_aoti")
     results = bench.main(
-        ["--export", str(run / "export"), "--formats", "script,aoti", "--stages", "model,served",
+        ["--export", str(run / "export"), "--formats", "torchscript,aoti", "--stages", "model,served",
          "--batches", "1,2", "--repeats", "1", "--warmup", "1", "--images", "2", "--image-side", "160",
          "--configs", "2:0:1", "--concurrency", "2", "--requests", "4", "--served-repeats", "1",
          "--out", str(tmp_path / "bench"), "--no-progress", "--threads", "1"]
     )  # fmt: skip
     assert not list(run.glob("export_aoti_*"))  # reused, not compiled again
     assert results["formats"]["aoti"]["file"] == str(run / "export_aoti" / PACKAGE)
-    assert results["formats"]["script"]["file"] == str(run / "export" / "model.pt")
+    assert results["formats"]["torchscript"]["file"] == str(run / "export" / "model.pt")
     assert (
         [r["batch"] for r in results["model"]]
         == [r["batch"] for r in results["formats"]["aoti"]["model"]]
@@ -345,7 +310,7 @@ def test_bench_runs_both_formats_side_by_side(trained_run, exported, aoti_dir, t
     )
     served = results["served"]
     assert [(e["format"], e["model"]) for e in served] == [
-        ("script", "effdet_demo_b2_d0_w1"),
+        ("torchscript", "effdet_demo_b2_d0_w1"),
         ("aoti", "effdet_demo_aoti_b2_d0_w1"),
     ]
     for e in served:
@@ -353,8 +318,8 @@ def test_bench_runs_both_formats_side_by_side(trained_run, exported, aoti_dir, t
         assert (e["reported"]["batchSize"], e["reported"]["maxBatchDelay"]) == (2, 1)
         assert [(p["failed"], p["statuses"]) for p in e["points"]] == [(0, {"200": 4})]
     f = results["ratios"]["formats"]
-    assert f["aoti"]["ceiling_over_script"] > 0 and f["aoti"]["served_best_over_script"] > 0
-    assert f["aoti"]["compile_s"] > 0 and f["script"]["compile_s"] is None
+    assert f["aoti"]["ceiling_over_torchscript"] > 0 and f["aoti"]["served_best_over_torchscript"] > 0
+    assert f["aoti"]["compile_s"] > 0 and f["torchscript"]["compile_s"] is None
 
 
 def test_bench_compiles_no_package_it_cannot_trace_back_to_the_checkpoint(
@@ -362,21 +327,23 @@ def test_bench_compiles_no_package_it_cannot_trace_back_to_the_checkpoint(
 ):
     """A package is reused only when compiled from the export's checkpoint, after it, for this device
     and precision; an export whose checkpoint is gone is refused by name before anything compiles."""
-    from scripts.bench.workload import _checkpoint_of, _compiled_from
+    from scripts.bench.workload import _checkpoint_of, _made_from
 
-    ckpt = _checkpoint_of(exported)
+    ckpt = _checkpoint_of(exported, "aoti")
     assert ckpt.resolve() == (trained_run / "best.ckpt").resolve()
     cpu = torch.device("cpu")
-    assert _compiled_from(aoti_dir, ckpt, cpu, "fp32")
-    assert not _compiled_from(aoti_dir, ckpt, cpu, "fp16")
-    assert not _compiled_from(aoti_dir, ckpt, torch.device("cuda"), "fp32")
+    assert _made_from(aoti_dir / PACKAGE, ckpt, cpu, "fp32")
+    assert not _made_from(aoti_dir / PACKAGE, ckpt, cpu, "fp16")
+    assert not _made_from(aoti_dir / PACKAGE, ckpt, torch.device("cuda"), "fp32")
     other = tmp_path / "other.ckpt"
     shutil.copy(ckpt, other)
-    assert not _compiled_from(aoti_dir, other, cpu, "fp32")  # another checkpoint (and newer than the package)
+    assert not _made_from(
+        aoti_dir / PACKAGE, other, cpu, "fp32"
+    )  # another checkpoint (and newer than the package)
     lost = tmp_path / "run" / "export"
     shutil.copytree(exported, lost)
     card = json.loads((lost / "model.json").read_text())
     card["export"]["checkpoint"] = str(tmp_path / "gone.ckpt")
     (lost / "model.json").write_text(json.dumps(card))
     with pytest.raises(SystemExit, match="no checkpoint for .*gone.ckpt"):
-        _checkpoint_of(lost)
+        _checkpoint_of(lost, "aoti")

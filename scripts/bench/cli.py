@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from handler.network import DEFAULT_FORMAT, NETWORK_FORMATS
 from scripts.bench.parity import BenchError
 from scripts.bench.report import plot, ratio_lines, ratios, report
 from scripts.bench.served import ServedSetting, bench_served
@@ -25,7 +26,7 @@ from scripts.bench.workload import Workload, make_images, network_for, prepare, 
 from scripts.paths import ROOT
 
 STAGES = ("model", "effdet", "post", "handler", "fp16", "served", "null")
-FORMATS = ("script", "aoti")
+FORMATS = tuple(NETWORK_FORMATS)  # the default (TorchScript) first
 
 
 FULL = {
@@ -111,9 +112,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     p.add_argument(
         "--formats",
-        default="script",
-        help="network formats side by side in the model, handler and served stages: script, or script,aoti "
-        "(the package compiled here from the export's checkpoint when none matches beside it: minutes). "
+        default=DEFAULT_FORMAT,
+        help=f"network formats side by side in the model, handler and served stages: any of {','.join(FORMATS)} "
+        "(exported here from the export's checkpoint when none matches beside it: minutes for aoti). "
         "TorchScript always runs: effdet, post-processing and fp16 read its weights",
     )
     p.add_argument("--batches", type=_ints, help="batch sizes for stages 1-4 (default 1,8,32)")
@@ -153,7 +154,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     asked = [f for f in a.formats.replace(" ", "").split(",") if f]
     if set(asked) - set(FORMATS):
         p.error(f"unknown formats {sorted(set(asked) - set(FORMATS))}; choose from {', '.join(FORMATS)}")
-    a.formats = ("script", *(f for f in FORMATS[1:] if f in asked))
+    a.formats = (DEFAULT_FORMAT, *(f for f in FORMATS if f in asked and f != DEFAULT_FORMAT))
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible to torch here")
     if a.precision == "fp16" and not a.device.startswith("cuda"):

@@ -6,6 +6,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 
+from handler.answer import Answer, AnswerError
 from scripts.bench.timing import percentile
 from scripts.client import Client
 from scripts.load import Images, Traffic
@@ -42,7 +43,11 @@ class ProcessCPU:
 
 def has_detections(key: str, body: dict) -> str | None:
     """A 200 must carry a detection answer (the model's, or the null handler's constant one)."""
-    return None if isinstance(body, dict) and "detections" in body else "no detections in the answer"
+    try:
+        Answer.from_json(body)
+    except AnswerError as e:
+        return f"not an answer: {e}"
+    return None
 
 
 def run_load(

@@ -3,9 +3,12 @@
 Served with the same batchSize/maxBatchDelay/workers and the same client as the model, it tells
 how many requests per second TorchServe's Java frontend, its Python workers and their socket
 protocol pass at all; the served model cannot go faster than that or than the network alone.
+Its archive carries the ``handler`` package for the answer contract only.
 """
 
-ANSWER = {"model": {"name": "null", "version": "1.0"}, "image": {"width": 0, "height": 0}, "detections": []}
+from handler.answer import Answer, ModelInfo
+
+ANSWER = Answer(0, 0, (), ModelInfo("null", "1.0")).to_json()
 
 
 def handle(data, context):

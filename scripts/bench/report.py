@@ -18,7 +18,7 @@ def ratios(results: dict) -> dict:
         key: max((r["images_per_s"] for r in results.get(key) or []), default=None)
         for key in ("model", "effdet", "handler")
     }
-    best_point = best_served_point(results, "script")
+    best_point = best_served_point(results, "torchscript")
     served_best = best_point["throughput"] if best_point else None
     null_points = [p for s in results.get("null_handler") or [] for p in s["points"] if p["failed"] == 0]
     null_best = max((p["throughput"] for p in null_points), default=None)
@@ -117,7 +117,7 @@ def best_served_point(results: dict, fmt: str) -> dict | None:
     points = [
         p
         for e in results.get("served") or []
-        if e.get("format", "script") == fmt
+        if e.get("format", "torchscript") == fmt
         for p in e["points"]
         if p["failed"] == 0
     ]
@@ -129,7 +129,9 @@ def format_ratios(results: dict) -> dict:
     its own ceiling and against TorchScript's (measured in the same run)."""
     out = {}
     for fmt, info in results["formats"].items():
-        rows = {key: results.get(key) if fmt == "script" else info.get(key) for key in ("model", "handler")}
+        rows = {
+            key: results.get(key) if fmt == "torchscript" else info.get(key) for key in ("model", "handler")
+        }
         best = {key: max((r["images_per_s"] for r in v or []), default=None) for key, v in rows.items()}
         point = best_served_point(results, fmt)
         out[fmt] = {
@@ -141,19 +143,19 @@ def format_ratios(results: dict) -> dict:
             "served_best_images_per_s": point["throughput"] if point else None,
             "served_best_p99_over_p50": _div(point["p99_ms"], point["p50_ms"]) if point else None,
         }
-    script = out["script"]
+    base = out["torchscript"]
     for r in out.values():
         r["served_over_ceiling"] = _div(r["served_best_images_per_s"], r["ceiling_images_per_s"])
         for key in ("ceiling", "handler_best", "served_best"):
-            r[f"{key}_over_script"] = _div(r[f"{key}_images_per_s"], script[f"{key}_images_per_s"])
+            r[f"{key}_over_torchscript"] = _div(r[f"{key}_images_per_s"], base[f"{key}_images_per_s"])
     return out
 
 
 def _tag(entry: dict, form: str = " {}") -> str:
     """A served entry's format in a title or label; nothing for TorchScript (and for JSON from
     before formats were recorded)."""
-    fmt = entry.get("format", "script")
-    return "" if fmt == "script" else form.format(fmt)
+    fmt = entry.get("format", "torchscript")
+    return "" if fmt == "torchscript" else form.format(fmt)
 
 
 def _div(a: float | None, b: float | None) -> float | None:
@@ -238,7 +240,7 @@ def report(results: dict) -> str:
     if results.get("formats"):
         fr = format_ratios(results)
         parts.append(
-            "\nnetwork formats side by side (in-process figures measured taking turns; x script = against "
+            "\nnetwork formats side by side (in-process figures measured taking turns; x TorchScript = against "
             "TorchScript in this run)\n"
             + table(
                 (
@@ -247,10 +249,10 @@ def report(results: dict) -> str:
                     "compile s",
                     "load s",
                     "ceiling img/s",
-                    "x script",
+                    "x TorchScript",
                     "handler img/s",
                     "served img/s",
-                    "x script",
+                    "x TorchScript",
                     "served/ceiling",
                     "p99/p50",
                 ),
@@ -261,10 +263,10 @@ def report(results: dict) -> str:
                         r["compile_s"],
                         r["load_s"],
                         r["ceiling_images_per_s"],
-                        r["ceiling_over_script"],
+                        r["ceiling_over_torchscript"],
                         r["handler_best_images_per_s"],
                         r["served_best_images_per_s"],
-                        r["served_best_over_script"],
+                        r["served_best_over_torchscript"],
                         r["served_over_ceiling"],
                         r["served_best_p99_over_p50"],
                     )
@@ -362,11 +364,11 @@ def ratio_lines(r: dict) -> str:
         f"  p99 / p50             {_ratio(r.get('served_best_p99_over_p50'))} at the best served point"
     )
     for fmt, f in (r.get("formats") or {}).items():
-        if fmt != "script":
+        if fmt != "torchscript":
             lines.append(
-                f"  {fmt} / script".ljust(24)
-                + f"ceiling {_ratio(f['ceiling_over_script'])}, handler {_ratio(f['handler_best_over_script'])}, "
-                f"served {_ratio(f['served_best_over_script'])} (served / its ceiling {_ratio(f['served_over_ceiling'])})"
+                f"  {fmt} / torchscript".ljust(24)
+                + f"ceiling {_ratio(f['ceiling_over_torchscript'])}, handler {_ratio(f['handler_best_over_torchscript'])}, "
+                f"served {_ratio(f['served_best_over_torchscript'])} (served / its ceiling {_ratio(f['served_over_ceiling'])})"
             )
     for t in r["targets"]:
         lines.append(

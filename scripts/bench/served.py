@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from handler.config import HandlerConfig
+from handler.network import DEFAULT_FORMAT
 from scripts.bench.load import ProcessCPU, aggregate, run_load
 from scripts.bench.parity import BenchError
 from scripts.bench.timing import Progress
@@ -28,7 +29,7 @@ class ServedSetting(NamedTuple):
 
 def _named(name: str, w: Workload) -> str:
     """The served model's name: ``name`` for TorchScript, ``name_<format>`` for another format."""
-    return name if w.fmt == "script" else f"{name}_{w.fmt}"
+    return name if w.fmt == DEFAULT_FORMAT else f"{name}_{w.fmt}"
 
 
 def model_name(name: str, setting: ServedSetting) -> str:

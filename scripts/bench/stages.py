@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from handler.answer import Answer, AnswerError
+from handler.network import torchscript_on_purpose
 from scripts.bench.parity import (
     BenchError,
     compare_detections,
@@ -54,7 +56,9 @@ def effdet_model(w: Workload):
     from train.config import create_effdet
 
     model = create_effdet({**w.cfg, "head_bn_level_first": True})
-    model.load_state_dict(w.detector.model.state_dict(), strict=True)
+    with torchscript_on_purpose():  # the file's weights (the served module is frozen: constants)
+        weights = torch.jit.load(str(w.network), map_location="cpu").state_dict()
+    model.load_state_dict(weights, strict=True)
     model = model.eval().to(w.device)
     if w.precision == "fp16":
         model = model.half()
@@ -202,8 +206,10 @@ def check_answers(answers: list, n: int) -> None:
     if len(answers) != n:
         raise BenchError(f"handler returned {len(answers)} answers for {n} requests")
     for a in answers:
-        if not isinstance(a, dict) or "detections" not in a or "image" not in a:
-            raise BenchError(f"handler answer is not a detection response: {str(a)[:200]}")
+        try:
+            Answer.from_json(a)
+        except AnswerError as e:
+            raise BenchError(f"handler answer is not a detection response ({e}): {str(a)[:200]}") from None
 
 
 def bench_handler(

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from handler.card import ModelCard
-from handler.network import load_network, network_format
+from handler.network import DEFAULT_FORMAT, NETWORK_FORMATS, load_network, network_format
 from scripts.bench.timing import Progress, sync
 from scripts.paths import ROOT
 
@@ -23,7 +23,7 @@ def make_random_export(
     out: str | Path, model: str = "small", num_classes: int = 3, image_size: int | None = None, seed: int = 0
 ) -> Path:
     """A random-weight checkpoint of a preset, exported with the project's own ``export``; reused."""
-    from export.core import export
+    from export.formats import export
     from train.config import build_config, model_card
     from train.module import EffDetModule
 
@@ -79,7 +79,7 @@ def train_export(
     export it; reused when its export exists. Trained heads score like a served model does
     (few confident boxes, a long tail), which random heads do not: the post-processing, fp16 and
     served figures need them. The run's model.json keeps the training time (its speed)."""
-    from export.core import export
+    from export.formats import export
     from train.__main__ import main as train_main
 
     out = Path(out)
@@ -163,7 +163,7 @@ def cycle(items: Sequence, n: int) -> list:
 class Workload:
     """One network file and one set of images, prepared once for every stage."""
 
-    network: Path  # model.pt (TorchScript) or model.pt2 (AOTInductor), model.json beside it
+    network: Path  # model.pt, model.pt2 or model.onnx (handler.network), model.json beside it
     card: ModelCard
     device: torch.device
     precision: str
@@ -185,7 +185,7 @@ class Workload:
 
     @property
     def fmt(self) -> str:
-        return network_format(self.network)
+        return network_format(self.network).name
 
 
 def prepare(
@@ -213,7 +213,7 @@ def prepare(
     heads32 = heads
     if precision != "fp32":
         heads32 = None  # an fp16 AOTInductor package has no fp32 twin in its file
-        if network_format(network) == "script":
+        if network_format(network).name == DEFAULT_FORMAT:
             model32 = load_network(network, device, torch.float32)
             with torch.inference_mode():
                 heads32 = {b: model32(inputs[b][0].float()) for b in batches}
@@ -226,29 +226,29 @@ def prepare(
 def network_for(export_dir: Path, fmt: str, device: torch.device, precision: str, progress: Progress) -> Path:
     """The network file of ``fmt`` for the model exported in ``export_dir``.
 
-    TorchScript: its model.pt. AOTInductor: a package of the same checkpoint compiled for this
-    device and precision, taken from beside the export (``<run>/export_aoti``, what
-    ``python -m export CKPT --format aoti`` writes) when one matches, else compiled here into
-    ``<run>/export_aoti_<device>_<precision>`` (minutes: C++) and reused by later runs.
+    TorchScript: its model.pt. Another format: a file of the same checkpoint made for this device
+    and precision, taken from beside the export (``<run>/export_aoti``, ``<run>/export_onnx``: what
+    ``python -m export CKPT --format FMT`` writes) when one matches, else exported here into
+    ``<run>/<that folder>_<device>_<precision>`` (minutes for AOTInductor: C++) and reused by later runs.
     """
-    if fmt == "script":
-        return export_dir / "model.pt"
-    from export.core import export
+    if fmt == DEFAULT_FORMAT:
+        return export_dir / NETWORK_FORMATS[fmt].file
+    from export.formats import export, export_format
 
+    f = export_format(fmt)
     run = export_dir.parent
-    checkpoint = _checkpoint_of(export_dir)
-    target = run / f"export_aoti_{device.type}_{precision}"
-    for d in (run / "export_aoti", target):
-        if _compiled_from(d, checkpoint, device, precision):
-            return d / "model.pt2"
-    progress.note(
-        f"compiling {checkpoint} with AOTInductor for {device.type} {precision} into {target} (minutes)"
-    )
-    export(checkpoint, target, card_dir=export_dir, fmt="aoti", device=str(device), precision=precision)
-    return target / "model.pt2"
+    checkpoint = _checkpoint_of(export_dir, fmt)
+    target = run / f"{f.out_dir}_{device.type}_{precision}"
+    for d in (run / f.out_dir, target):
+        if _made_from(d / f.network.file, checkpoint, device, precision):
+            return d / f.network.file
+    progress.note(f"exporting {checkpoint} to {f.network.title} for {device.type} {precision} into {target}")
+    options = {"device": str(device), "precision": precision} if "device" in f.options else {}
+    export(checkpoint, target, card_dir=export_dir, fmt=fmt, **options)
+    return target / f.network.file
 
 
-def _checkpoint_of(export_dir: Path) -> Path:
+def _checkpoint_of(export_dir: Path, fmt: str) -> Path:
     """The checkpoint the export was made from (model.json says), else ``<run>/best.ckpt``."""
     recorded = ModelCard.load(export_dir).export.get("checkpoint")
     candidates = [Path(recorded)] if recorded else []
@@ -257,21 +257,21 @@ def _checkpoint_of(export_dir: Path) -> Path:
         if c.is_file():
             return c
     raise SystemExit(
-        f"--formats aoti: no checkpoint for {export_dir} (looked for {', '.join(map(str, candidates))}); "
-        "compile the package beside it with `python -m export CKPT --format aoti`"
+        f"--formats {fmt}: no checkpoint for {export_dir} (looked for {', '.join(map(str, candidates))}); "
+        f"export it beside it with `python -m export CKPT --format {fmt}`"
     )
 
 
-def _compiled_from(d: Path, checkpoint: Path, device: torch.device, precision: str) -> bool:
-    """``d`` holds a package compiled from ``checkpoint`` (and after it) for this device and precision."""
-    if not (d / "model.pt2").is_file() or not (d / "model.json").is_file():
+def _made_from(network: Path, checkpoint: Path, device: torch.device, precision: str) -> bool:
+    """``network`` was exported from ``checkpoint`` (and after it) for this device and precision."""
+    if not network.is_file() or not (network.parent / "model.json").is_file():
         return False
-    e = ModelCard.load(d).export
+    e = ModelCard.load(network.parent).export
     recorded = e.get("checkpoint")
     return (
         recorded is not None
         and Path(recorded).resolve() == checkpoint.resolve()
-        and (d / "model.pt2").stat().st_mtime >= checkpoint.stat().st_mtime
+        and network.stat().st_mtime >= checkpoint.stat().st_mtime
         and e.get("device") == device.type
         and e.get("precision") == precision
     )
