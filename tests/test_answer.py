@@ -13,7 +13,10 @@ from handler.request import Params
 ANSWER = Answer(
     640,
     480,
-    (Detection((1.5, 2.0, 30.25, 40.0), 0.93, 2, "square"), Detection((5.0, 6.0, 7.0, 8.0), 0.5, 1, "circle")),
+    (
+        Detection((1.5, 2.0, 30.25, 40.0), 0.93, 2, "square"),
+        Detection((5.0, 6.0, 7.0, 8.0), 0.5, 1, "circle"),
+    ),
     ModelInfo("effdet_demo", "1.0"),
     "abc-123",
 )
@@ -23,7 +26,12 @@ def test_json_round_trip_and_key_order():
     """Catches: a producer and a reader disagreeing on a key or on the order the docs show."""
     doc = json.loads(json.dumps(ANSWER.to_json()))
     assert list(doc) == ["model", "image", "detections", "request_id"]
-    assert doc["detections"][0] == {"box": [1.5, 2.0, 30.25, 40.0], "score": 0.93, "class_id": 2, "label": "square"}
+    assert doc["detections"][0] == {
+        "box": [1.5, 2.0, 30.25, 40.0],
+        "score": 0.93,
+        "class_id": 2,
+        "label": "square",
+    }
     assert Answer.from_json(doc) == ANSWER
     bare = Answer(3, 4, ())
     assert bare.to_json() == {"image": {"width": 3, "height": 4}, "detections": []}
