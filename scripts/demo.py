@@ -13,9 +13,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from export.formats import export
+from export.formats import EXPORT_FORMATS, export, export_format
 from handler.answer import Answer
 from handler.detector import Detector
+from handler.network import DEFAULT_FORMAT
 from scripts.archive import archive
 from scripts.client import Client
 from scripts.client.draw import draw
@@ -73,6 +74,12 @@ def main(argv: list[str] | None = None) -> None:
     # where the outputs go (the repository's runs/ and model_store/ by default, as `make demo`)
     p.add_argument("--runs", default=str(ROOT / "runs"), help="the run is written to RUNS/NAME")
     p.add_argument("--model-store", default=str(MODEL_STORE), help="the archive goes here")
+    p.add_argument(
+        "--format",
+        choices=tuple(EXPORT_FORMATS),
+        default=DEFAULT_FORMAT,
+        help="the network format exported, archived and served (onnx: ONNX Runtime, fastest on a CPU)",
+    )
     a = p.parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)
     started = time.time()
@@ -87,14 +94,16 @@ def main(argv: list[str] | None = None) -> None:
                        "--out", str(run)])  # fmt: skip
     print(f"val mAP@.5 after training: {card.metrics['val_map50']:.3f}")
 
-    say("3/7 export to TorchScript (parity vs eager effdet enforced)")
-    exported = export(run / "best.ckpt", run / "export")
+    fmt = export_format(a.format)
+    export_dir = run / fmt.out_dir
+    say(f"3/7 export to {fmt.network.title} (parity vs eager effdet enforced)")
+    exported = export(run / "best.ckpt", export_dir, fmt=fmt.name)
     print(
         f"parity max |diff| {exported.export['parity']['max_abs_diff']:.2e}, {exported.export['bytes'] / 1e6:.1f} MB"
     )
 
     say("4/7 archive with torch-model-archiver")
-    mar = archive(run / "export", a.name, "1.0", store, ModelConfig(batch_size=4, max_batch_delay=20))
+    mar = archive(export_dir, a.name, "1.0", store, ModelConfig(batch_size=4, max_batch_delay=20))
     print(f"wrote {mar}")
 
     server = Server(run / "serve", store, free_ports=True)
@@ -112,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         served = [
             as_detections(r.image_id, resp.json()) for r, resp in zip(val.records, responses, strict=True)
         ]
-        detector = Detector(run / "export" / "model.pt")
+        detector = Detector(export_dir / fmt.network.file)
         local = detector.predict(images, score_threshold=0.0)
         in_process = [as_detections(r.image_id, resp) for r, resp in zip(val.records, local, strict=True)]
         gt = ground_truth(val.records)

@@ -314,7 +314,7 @@ def expected(detector: Detector, data: list[bytes], params: list[Params]) -> lis
 def test_initialize(worker, card):
     h = worker.handler
     assert h.initialized
-    assert h.model_info == {"name": MODEL_NAME, "version": MODEL_VERSION}
+    assert h.model_info.to_json() == {"name": MODEL_NAME, "version": MODEL_VERSION}
     assert h.detector.num_classes == len(card["classes"]) == card["effdet_config"]["num_classes"]
     assert str(h.device) == "cpu"
 
