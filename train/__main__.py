@@ -22,7 +22,7 @@ from handler.card import ModelCard
 from handler.geometry import Geometry
 from train import synthetic
 from train.config import build_config, model_card
-from train.data import FORMATS, AnnotationError, Dataset, check_records, load_dataset, split_records
+from train.data import DATASET_FORMATS, AnnotationError, Dataset, check_records, load_dataset, split_records
 from train.datamodule import DetectionDataModule
 from train.module import EffDetModule
 
@@ -31,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m train", description=__doc__)
     d = p.add_argument_group("data")
     d.add_argument("--data", default="data/synthetic", help="dataset file or directory (format-dependent)")
-    d.add_argument("--format", choices=FORMATS, default="synthetic")
+    d.add_argument("--format", choices=DATASET_FORMATS, default="synthetic")
     d.add_argument("--val-data", help="validation file (csv/coco); default: split off --val-fraction")
     d.add_argument("--images", help="images directory (csv/coco); default: next to the annotation file")
     d.add_argument("--val-fraction", type=float, default=0.15)

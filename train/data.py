@@ -25,7 +25,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-FORMATS = ("synthetic", "coco", "csv", "voc")
+DATASET_FORMATS = ("synthetic", "coco", "csv", "voc")
 
 
 class AnnotationError(ValueError):
@@ -297,4 +297,4 @@ def load_dataset(
         return load_csv(data, images_dir, classes)
     if fmt == "voc":
         return load_voc(data, split, difficult, classes)
-    raise ValueError(f"unknown format {fmt!r}; one of {FORMATS}")
+    raise ValueError(f"unknown format {fmt!r}; one of {DATASET_FORMATS}")

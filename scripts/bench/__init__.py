@@ -38,7 +38,7 @@ Modules, runners apart from results: ``timing`` (repeats, syncs, percentiles), `
 ``stages`` (in-process stages), ``load`` (the closed loop: ``scripts.load.Traffic`` with a limit), ``served`` (TorchServe and
 the null handler), ``report`` (ratios, tables, plot: pure functions of the results), ``cli``."""
 
-from scripts.bench.cli import FORMATS, FULL, QUICK, STAGES, main, network_info, parse_args, run
+from scripts.bench.cli import FULL, QUICK, STAGES, main, network_info, parse_args, run
 from scripts.bench.load import ProcessCPU, aggregate, run_load
 from scripts.bench.parity import (
     BOX_ATOL,
@@ -75,7 +75,7 @@ from scripts.bench.workload import (
 )
 
 __all__ = [
-    "BOX_ATOL", "EFFDET_IOU", "FORMATS", "FULL", "QUICK", "SCORE_ATOL", "STAGES", "BenchError", "ProcessCPU", "Progress",
+    "BOX_ATOL", "EFFDET_IOU", "FULL", "QUICK", "SCORE_ATOL", "STAGES", "BenchError", "ProcessCPU", "Progress",
     "Workload", "_alive", "_server_pid", "aggregate", "run_load", "archive_null", "bench_effdet", "bench_fp16",
     "bench_handler", "bench_model", "bench_models", "bench_post", "bench_served", "check_answers", "compare_detections",
     "effdet_postprocess", "format_ratios", "main", "make_handler", "make_images", "make_random_export", "match_detections",

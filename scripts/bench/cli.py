@@ -26,7 +26,6 @@ from scripts.bench.workload import Workload, make_images, network_for, prepare, 
 from scripts.paths import ROOT
 
 STAGES = ("model", "effdet", "post", "handler", "fp16", "served", "null")
-FORMATS = tuple(NETWORK_FORMATS)  # the default (TorchScript) first
 
 
 FULL = {
@@ -113,7 +112,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--formats",
         default=DEFAULT_FORMAT,
-        help=f"network formats side by side in the model, handler and served stages: any of {','.join(FORMATS)} "
+        help=f"network formats side by side in the model, handler and served stages: any of {','.join(NETWORK_FORMATS)} "
         "(exported here from the export's checkpoint when none matches beside it: minutes for aoti). "
         "TorchScript always runs: effdet, post-processing and fp16 read its weights",
     )
@@ -152,9 +151,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown stages {sorted(unknown)}; choose from {', '.join(STAGES)}")
     asked = [f for f in a.formats.replace(" ", "").split(",") if f]
-    if set(asked) - set(FORMATS):
-        p.error(f"unknown formats {sorted(set(asked) - set(FORMATS))}; choose from {', '.join(FORMATS)}")
-    a.formats = (DEFAULT_FORMAT, *(f for f in FORMATS if f in asked and f != DEFAULT_FORMAT))
+    if set(asked) - set(NETWORK_FORMATS):
+        p.error(
+            f"unknown formats {sorted(set(asked) - set(NETWORK_FORMATS))}; choose from {', '.join(NETWORK_FORMATS)}"
+        )
+    a.formats = (DEFAULT_FORMAT, *(f for f in NETWORK_FORMATS if f in asked and f != DEFAULT_FORMAT))
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible to torch here")
     if a.precision == "fp16" and not a.device.startswith("cuda"):
