@@ -65,12 +65,6 @@ def _anywhere(export: dict, device_type: str, precision: str) -> str | None:
     return None
 
 
-def _fp32_only(export: dict, device_type: str, precision: str) -> str | None:
-    if device_type in ("cuda", "gpu") and precision != "fp32":
-        return f"ONNX networks are served in fp32 here, not {precision}"
-    return None
-
-
 @dataclass(frozen=True)
 class NetworkFormat:
     """What the serving side knows of one format: its name, file, loader and where it can run."""
@@ -80,17 +74,24 @@ class NetworkFormat:
     title: str  # for people: tables, messages
     load: Callable[[Path, torch.device, torch.dtype], Network]
     channels_last: bool  # takes channels_last input (else the batch is made contiguous)
+    precisions: tuple[str, ...] = ("fp32", "fp16")  # what it can be served at on CUDA (CPU: fp32)
     # why an export (model.json's ``export`` block) cannot be served on a device type (cpu, cuda or
-    # gpu) at a precision, else None
+    # gpu), beyond its precisions, else None
     placement: Callable[[dict, str, str], str | None] = _anywhere
+
+    def problem(self, export: dict, device_type: str, precision: str) -> str | None:
+        """Why this export cannot be served on ``device_type`` (cpu, cuda, gpu) at ``precision``, else None."""
+        if device_type in ("cuda", "gpu") and precision not in self.precisions:
+            return f"{self.title} networks are served in {' or '.join(self.precisions)} here, not {precision}"
+        return self.placement(export, device_type, precision)
 
 
 NETWORK_FORMATS: dict[str, NetworkFormat] = {
     f.name: f
     for f in (
         NetworkFormat("torchscript", "model.pt", "TorchScript", load_torchscript, channels_last=True),
-        NetworkFormat("aoti", "model.pt2", "AOTInductor", AotiNetwork, False, _aoti_placement),
-        NetworkFormat("onnx", "model.onnx", "ONNX Runtime", OnnxNetwork, False, _fp32_only),
+        NetworkFormat("aoti", "model.pt2", "AOTInductor", AotiNetwork, False, placement=_aoti_placement),
+        NetworkFormat("onnx", "model.onnx", "ONNX Runtime", OnnxNetwork, False, precisions=("fp32",)),
     )
 }
 DEFAULT_FORMAT = "torchscript"

@@ -40,7 +40,7 @@ def network_file(export_dir: Path, config: ModelConfig) -> Path:
     card_path = export_dir / "model.json"
     info = json.loads(card_path.read_text()).get("export", {}) if card_path.is_file() else {}
     path = export_dir / info.get("file", NETWORK_FORMATS[DEFAULT_FORMAT].file)
-    problem = network_format(path).placement(info, config.device_type, config.handler.precision)
+    problem = network_format(path).problem(info, config.device_type, config.handler.precision)
     if problem:
         raise ValueError(f"{path} cannot be served by this archive's workers: {problem}")
     return path

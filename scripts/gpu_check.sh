@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# The GPU half of the benchmark, as one prepared run on a machine lent for minutes (an H100).
+# The GPU half of the benchmark, in phases of a few minutes each, from the checkout's root with the
+# project installed (make setup; without a package index: the offline wheel bundle in
+# docs/benchmarks.md, "GPU"). Times are on one H100-class GPU with 16 CPU cores:
 #
-#   source .gpukit/install-kit.sh && bash scripts/gpu_check.sh seed     # call 1 (<= 7 min): tests, train, in-process
-#   source .gpukit/install-kit.sh && bash scripts/gpu_check.sh served   # call 2 (<= 7 min): served + null handler
-#   source .gpukit/install-kit.sh && bash scripts/gpu_check.sh d0       # call 3, only if device time is left
-#   source .gpukit/install-kit.sh && bash scripts/gpu_check.sh aoti     # TorchScript vs AOTInductor (CUDA, fp16)
+#   bash scripts/gpu_check.sh seed      # <= 7 min: CUDA decode tests; train the seed preset; in-process stages
+#   bash scripts/gpu_check.sh served    # <= 7 min: served (batchSize 32, 1 and 2 workers) + null handler
+#   bash scripts/gpu_check.sh d0        # <= 8 min: efficientdet_d0, every stage
+#   bash scripts/gpu_check.sh formats   # <= 9 min: d0 in TorchScript, AOTInductor (CUDA fp16) and ONNX Runtime
 #
-# (device tool: `run` with carry [".gpukit"], timeout_s 590; see docs/benchmarks.md "GPU".)
-# "served" reuses the seed model trained by "seed" when the machine is still warm (it is kept in
-# $WORK), and trains it again inside its own time limit otherwise.
+# "served" reuses the seed model trained by "seed" (kept in $WORK) and trains it again otherwise.
 # Every step runs under `timeout` and leaves its log and JSON under $OUT (default ./gpu-out) even
-# when it fails or times out, so that one call always brings back what it measured. Big files
-# (checkpoints, exports, .mar) stay in $WORK on the device. A step that fails does not stop the
-# ones after it; the script's status is the number of failed steps.
+# when it fails or times out. Big files (checkpoints, exports, .mar) stay in $WORK. A step that
+# fails does not stop the ones after it; the script's status is the number of failed steps. The
+# JSON files are named after the GPU (e.g. h100-seed-fp16-inproc.json): commit them under
+# docs/results/ and the figures go into docs/benchmarks.md.
 set -u
 PHASE=${1:-seed}
 OUT=${OUT:-$PWD/gpu-out}
@@ -44,6 +45,8 @@ keep() {  # copy the bench's JSON/PNG (not the models) to $OUT under a name sayi
   return 0
 }
 
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 | grep -oiE '[a-z][0-9]{2,4}' | head -n 1 | tr 'A-Z' 'a-z')
+GPU=${GPU:-gpu}
 step env 45 bash -c "nvidia-smi; $PY -c 'import torch, torchvision, ts, effdet; print(torch.__version__, torchvision.__version__, torch.cuda.get_device_name(0))'; which torchserve torch-model-archiver java"
 
 BENCH=("$PY" -m scripts.bench --device cuda --no-progress --threads 8 --images 64)
@@ -57,7 +60,7 @@ seed)
   step seed-inproc 330 "${BENCH[@]}" --model seed --train-steps 250 --train-batch-size 8 \
     --train-precision 16-mixed --precision fp16 --channels-last --stages model,effdet,post,handler,fp16 \
     --batches 1,8,32 --repeats 5 --out "$WORK/seed"
-  keep "$WORK/seed" h100-seed-fp16-inproc
+  keep "$WORK/seed" $GPU-seed-fp16-inproc
   ;;
 served)
   # served over HTTP (batchSize 32, one and two GPU workers) and the null handler at the same settings
@@ -65,7 +68,7 @@ served)
     --train-precision 16-mixed --precision fp16 --channels-last --stages model,served,null --batches 32 \
     --repeats 3 --configs 32:10:1,32:10:2 --null-configs 32:10:2 --concurrency 64 --requests 512 \
     --served-repeats 1 --out "$WORK/seed"
-  keep "$WORK/seed" h100-seed-fp16-served
+  keep "$WORK/seed" $GPU-seed-fp16-served
   ;;
 d0)
   step d0-all 480 "${BENCH[@]}" --model efficientdet_d0 --image-size 512 --train-steps 200 \
@@ -73,19 +76,20 @@ d0)
     --stages model,effdet,post,handler,fp16,served,null --batches 1,8,32 --repeats 5 \
     --configs 32:10:1,32:10:2 --null-configs 32:10:2 --concurrency 64 --requests 512 --served-repeats 1 \
     --out "$WORK/d0"
-  keep "$WORK/d0" h100-d0-fp16-all
+  keep "$WORK/d0" $GPU-d0-fp16-all
   ;;
-aoti)
-  # d0 in both network formats side by side: the AOTInductor package compiled here for CUDA fp16 from the
-  # trained checkpoint (export refuses a package outside its parity tolerance), then model-only and served
+formats)
+  # d0 in the three network formats side by side: the AOTInductor package compiled here for CUDA fp16 from the
+  # trained checkpoint (export refuses a package outside its parity tolerance) and the ONNX file (ONNX Runtime's
+  # CUDA provider: onnxruntime-gpu), then model-only, handler and served
   step d0-formats 540 "${BENCH[@]}" --model efficientdet_d0 --image-size 512 --train-steps 100 \
-    --train-batch-size 16 --train-precision 16-mixed --precision fp16 --channels-last --formats script,aoti \
+    --train-batch-size 16 --train-precision 16-mixed --precision fp16 --channels-last --formats torchscript,aoti,onnx \
     --stages model,handler,served --batches 1,8,32 --repeats 5 --configs 32:10:1 --concurrency 64 \
     --requests 256 --served-repeats 1 --out "$WORK/d0"
-  keep "$WORK/d0" h100-d0-fp16-formats
+  keep "$WORK/d0" $GPU-d0-fp16-formats
   ;;
 *)
-  echo "unknown phase $PHASE (seed, served, d0 or aoti)" >&2
+  echo "unknown phase $PHASE (seed, served, d0 or formats)" >&2
   exit 2
   ;;
 esac

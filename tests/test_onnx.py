@@ -194,7 +194,7 @@ def test_network_loads_without_the_training_stack_and_says_when_onnxruntime_is_m
 # -- the archive and the served answers --------------------------------------------------------------
 def test_archive_refuses_fp16_workers(onnx_dir, tmp_path):
     """Catches: an archive whose GPU workers would be asked for fp16 of an fp32-only network."""
-    with pytest.raises(ValueError, match="ONNX networks are served in fp32"):
+    with pytest.raises(ValueError, match="ONNX Runtime networks are served in fp32 here, not fp16"):
         archive(
             onnx_dir,
             "x",

@@ -271,11 +271,12 @@ def run(a: argparse.Namespace, argv: list[str] | None = None) -> dict:
     progress.note(f"model {export_dir} ({origin}); preparing {a.images} images")
     images = make_images(a.images, a.image_side, a.seed)
     w = prepare(export_dir, images, a.batches, device, a.precision, a.channels_last)
-    more = [
-        prepare(network_for(export_dir, f, device, a.precision, progress), images, a.batches, device,
-                a.precision, a.channels_last)
-        for f in a.formats[1:]
-    ]  # fmt: skip
+    more = []
+    for f in a.formats[1:]:
+        # a format that cannot run at the asked precision (ONNX here: fp32 only) runs at fp32, and says so
+        precision = a.precision if a.precision in NETWORK_FORMATS[f].precisions else "fp32"
+        network = network_for(export_dir, f, device, precision, progress)
+        more.append(prepare(network, images, a.batches, device, precision, a.channels_last))
     cfg = w.cfg
     meta["export_dir"] = str(export_dir)
     meta["model"] = {
