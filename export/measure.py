@@ -1,6 +1,7 @@
 """Side-by-side figures for exported networks: file size, load time, model-only throughput.
 
-    python -m export.measure runs/NAME/export/model.pt runs/NAME/export_aoti/model.pt2
+    python -m export.measure runs/NAME/export/model.pt runs/NAME/export_onnx/model.onnx runs/NAME/export_aoti/model.pt2
+    python -m export.measure runs/NAME/export/model.pt runs/NAME/export_onnx/model.onnx --plain-torchscript
 
 Model-only means the network alone (``handler.network.load_network``), no decode, geometry or
 post-processing: the ceiling a served endpoint cannot pass. The formats are timed in alternating
@@ -22,36 +23,54 @@ from pathlib import Path
 import torch
 
 from handler.card import ModelCard
-from handler.network import load_network, network_format
+from handler.network import Network, load_network, network_format, torchscript_on_purpose
 
 LOAD = """
 import sys, time, json, torch, torchvision.ops
 from handler.network import load_network
 t = time.perf_counter()
-load_network(sys.argv[1], "cpu")
+if sys.argv[2] == "plain":
+    torch.jit.load(sys.argv[1], map_location="cpu")
+else:
+    load_network(sys.argv[1], "cpu")
 print(json.dumps(time.perf_counter() - t))
 """
+PLAIN = " (plain)"  # a TorchScript file as torch.jit.load gives it: not frozen, not optimised for inference
 
 
-def load_seconds(path: Path, tries: int) -> float:
-    """Median seconds for ``load_network`` in a fresh interpreter."""
+def load_seconds(path: Path, tries: int, plain: bool = False) -> float:
+    """Median seconds for ``load_network`` (or a plain ``torch.jit.load``) in a fresh interpreter."""
     root = Path(__file__).resolve().parent.parent
     times = []
     for _ in range(tries):
         proc = subprocess.run(
-            [sys.executable, "-c", LOAD, str(path)], capture_output=True, text=True, cwd=root, check=True
+            [sys.executable, "-c", LOAD, str(path), "plain" if plain else "served"],
+            capture_output=True,
+            text=True,
+            cwd=root,
+            check=True,
         )
         times.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     return statistics.median(times)
 
 
+def candidates(paths: list[Path], plain_torchscript: bool) -> dict[str, Network]:
+    """The networks to time, by label: each file as the handler loads it, and optionally each
+    TorchScript file as loaded plainly (what the CPU optimisation is measured against)."""
+    nets = {}
+    for p in paths:
+        nets[str(p)] = load_network(p, "cpu")
+        if plain_torchscript and network_format(p).name == "torchscript":
+            with torchscript_on_purpose():
+                nets[str(p) + PLAIN] = torch.jit.load(str(p), map_location="cpu").eval()
+    return nets
+
+
 def throughput(
-    paths: list[Path], batches: list[int], rounds: int, seconds: float
+    nets: dict[str, Network], size: tuple[int, int], batches: list[int], rounds: int, seconds: float
 ) -> dict[str, dict[int, float]]:
-    """Images per second per file and batch size, the files alternating within each round."""
-    nets = {p: load_network(p, "cpu") for p in paths}
-    size = ModelCard.load(paths[0].parent).preprocessing.size
-    out: dict[str, dict[int, list[float]]] = {str(p): {b: [] for b in batches} for p in paths}
+    """Images per second per network and batch size, the networks alternating within each round."""
+    out: dict[str, dict[int, list[float]]] = {p: {b: [] for b in batches} for p in nets}
     with torch.inference_mode():
         for b in batches:
             x = torch.randn(b, 3, *size)
@@ -64,14 +83,22 @@ def throughput(
                     while (elapsed := time.perf_counter() - start) < seconds:
                         net(x)
                         n += b
-                    out[str(p)][b].append(n / elapsed)
+                    out[p][b].append(n / elapsed)
     return {p: {b: statistics.median(v) for b, v in per.items()} for p, per in out.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m export.measure", description=__doc__)
     p.add_argument(
-        "files", nargs="+", type=Path, help="model.pt / model.pt2 files (their model.json beside them)"
+        "files",
+        nargs="+",
+        type=Path,
+        help="model.pt / model.pt2 / model.onnx files (their model.json beside them)",
+    )
+    p.add_argument(
+        "--plain-torchscript",
+        action="store_true",
+        help="also time each model.pt as torch.jit.load gives it (not frozen or optimised for the CPU)",
     )
     p.add_argument("--batches", default="1,4,8")
     p.add_argument("--rounds", type=int, default=5)
@@ -81,19 +108,22 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     batches = [int(b) for b in a.batches.split(",")]
-    speed = throughput(a.files, batches, a.rounds, a.seconds)
+    nets = candidates(a.files, a.plain_torchscript)
+    speed = throughput(
+        nets, ModelCard.load(a.files[0].parent).preprocessing.size, batches, a.rounds, a.seconds
+    )
     rows = []
-    for f in a.files:
-        card = ModelCard.load(f.parent)
-        e = card.export
+    for label in nets:
+        plain = label.endswith(PLAIN)
+        f = Path(label.removesuffix(PLAIN))
         rows.append(
             {
                 "file": str(f),
-                "format": network_format(f).name,
+                "format": network_format(f).name + (PLAIN if plain else ""),
                 "mb": round(f.stat().st_size / 1e6, 1),
-                "compile_s": e.get("compile_seconds"),
-                "load_s": round(load_seconds(f, a.loads), 3),
-                "img_per_s": {b: round(v, 1) for b, v in speed[str(f)].items()},
+                "compile_s": ModelCard.load(f.parent).export.get("compile_seconds"),
+                "load_s": round(load_seconds(f, a.loads, plain), 3),
+                "img_per_s": {b: round(v, 1) for b, v in speed[label].items()},
             }
         )
     print(
