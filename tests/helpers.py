@@ -1,17 +1,26 @@
-"""Helpers several test modules share: a server for a block of tests, the proof that a model loads
-without the training stack, and the one-to-one matching of detections that tolerates near-ties.
+"""Helpers several test modules share: built fixtures kept between runs, TorchServe servers (the
+run's shared one, a block of tests' own, and their logs on failure), the proof that a model loads
+without the training stack, and exact comparison of served answers.
 
-Plain functions rather than fixtures: each caller keeps its own fixture scope, store and models.
+Plain functions and classes rather than fixtures: each caller keeps its own fixture scope.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import json
+import os
+import platform
+import shutil
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable, Iterator, Sequence
+import time
+import zipfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -59,10 +68,105 @@ def run_without_training_stack(body: str, *args: str, timeout: float = 300) -> d
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+# -- built fixtures, kept between runs ------------------------------------------------------------
+# Which sources each kind of built fixture depends on: a change to any of them builds it again.
+SOURCES = {
+    "synthetic": ("train/synthetic.py",),
+    "run": ("train", "handler"),
+    "export": ("export", "train", "handler"),
+    "store": ("handler", "scripts/archive.py", "scripts/settings.py", "scripts/paths.py"),
+    "aoti": ("export", "train", "handler"),
+}
+PACKAGES = ("torch", "torchvision", "effdet", "timm", "pytorch-lightning", "torch-model-archiver")
+
+
+def source_digest(paths: Iterable[str]) -> str:
+    """sha256 over the named files (directories: their ``*.py``), the library versions that shape
+    what is built, and the machine (a compiled package runs only where it was compiled)."""
+    h = hashlib.sha256()
+    for rel in sorted(paths):
+        p = ROOT / rel
+        files = sorted(p.rglob("*.py")) if p.is_dir() else [p]
+        for f in files:
+            h.update(str(f.relative_to(ROOT)).encode() + b"\0" + f.read_bytes() + b"\0")
+    for pkg in PACKAGES:
+        h.update(f"{pkg}=={importlib.metadata.version(pkg)}\0".encode())
+    h.update(f"{platform.machine()} {sys.version_info[:2]}".encode())
+    return h.hexdigest()
+
+
+@dataclass
+class FixtureCache:
+    """Where built fixtures (dataset, trained run, exports, archives, compiled packages) live.
+
+    With a ``root`` (pytest's cache directory) each is built once and kept under a name keyed on
+    what produced it: its recipe (``key``), the sources it depends on (``SOURCES``) and the keys
+    of the fixtures it was built from. A later run whose key matches reuses it; any change builds
+    it again. ``root=None`` (``EFFDET_TEST_CACHE=0``, ``-p no:cacheprovider``, ``--cache-clear``)
+    builds everything afresh under ``scratch``.
+    """
+
+    root: Path | None
+    scratch: Path
+
+    def get(self, kind: str, key: dict, build: Callable[[Path], None]) -> Path:
+        """The directory ``build(dir)`` fills for this ``kind`` and ``key``, built now or before."""
+        digest = hashlib.sha256(
+            json.dumps({"key": key, "sources": source_digest(SOURCES[kind])}, sort_keys=True).encode()
+        ).hexdigest()[:16]
+        if self.root is None:
+            out = self.scratch / f"{kind}-{digest}"
+            if not out.is_dir():
+                build(out)
+            return out
+        out = self.root / f"{kind}-{digest}"
+        if out.is_dir():
+            return out
+        tmp = self.root / f".{kind}-{digest}.{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        build(tmp)
+        try:
+            tmp.rename(out)  # atomic: a directory under its final name is complete
+        except OSError:  # another run finished the same build first
+            shutil.rmtree(tmp, ignore_errors=True)
+        for old in self.root.glob(f"{kind}-*"):  # older builds of this kind
+            if old != out and time.time() - old.stat().st_mtime > 3600:
+                shutil.rmtree(old, ignore_errors=True)
+        return out
+
+
+def spread_class_scores(checkpoint: Path, factor: float) -> None:
+    """Scale the class head's last convolution in a Lightning checkpoint by ``factor``, in place.
+
+    A model trained for a few steps scores every anchor within ~1e-4 of effdet's prior (0.01): its
+    answers are runs of exactly tied scores, whose order (and which of them a cut keeps) depends on
+    batch-mates. Scaled up, the same features give scores that differ from anchor to anchor, as a
+    trained detector's do, so served answers can be compared with in-process ones row for row.
+    """
+    import torch
+
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    scaled = [k for k in ckpt["state_dict"] if k.endswith("class_net.predict.conv_pw.weight")]
+    assert scaled, f"{checkpoint}: no class head weights"
+    for k in scaled:
+        ckpt["state_dict"][k] = ckpt["state_dict"][k] * factor
+    torch.save(ckpt, checkpoint)
+
+
+# -- TorchServe servers ------------------------------------------------------------------------------
+# Every TorchServe started in this process and not yet stopped: conftest attaches their logs to the
+# report of a test that fails (a timeout included) while they run.
+LIVE_SERVERS: list[Server] = []
+
+
 @contextmanager
 def serving(workdir: Path, store: Path, models: list[str], **server_args) -> Iterator[Server]:
     """A real TorchServe on free loopback ports serving ``models`` (``NAME=FILE.mar``), stopped on exit
-    whatever happened, so that a failed test or fixture leaves no Java frontend or worker behind."""
+    whatever happened, so that a failed test or fixture leaves no Java frontend or worker behind.
+
+    For a block of tests that need a server of their own: one they stop, kill or configure
+    differently. Everything else registers its models on the run's shared server (``SharedServer``).
+    """
     srv = Server(workdir, store, free_ports=True, **server_args)
     try:
         srv.start(models)
@@ -71,12 +175,177 @@ def serving(workdir: Path, store: Path, models: list[str], **server_args) -> Ite
         srv.stop()
 
 
+def marks_users(*marks: str) -> Callable[[T], T]:
+    """Decorator for a fixture function (put it under ``@pytest.fixture``): every test that uses the
+    fixture, directly or through other fixtures, gets ``marks`` (conftest adds them at collection)."""
+
+    def decorate(fixture_function: T) -> T:
+        fixture_function._marks_users = marks  # type: ignore[attr-defined]
+        return fixture_function
+
+    return decorate
+
+
+# A fixture that starts (or hands out) a TorchServe: its users are `server` tests, left out of
+# `make test-fast`.
+starts_torchserve = marks_users("server")
+
+
+# Installed as sitecustomize.py for the shared server's workers: the training stack cannot be
+# imported, and each worker notes that the block is active in it and where ``handler`` came from.
+SITECUSTOMIZE = """
+import importlib.machinery, os, sys
+
+_BLOCKED = {blocked!r}
+_MARKER = os.environ["EFFDET_BLOCK_MARKER"]
+
+
+def _note(text):
+    with open(_MARKER, "a") as f:
+        f.write(f"{{os.getpid()}} {{text}}\\n")
+
+
+class _BlockTrainingStack:
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname.partition(".")[0] in _BLOCKED:
+            _note(f"blocked {{fullname}}")
+            raise ModuleNotFoundError(f"{{fullname}} is blocked in this worker (the training stack)")
+        if fullname == "handler":
+            spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+            _note(f"handler-from {{spec.origin if spec else None}}")
+        return None
+
+
+sys.meta_path.insert(0, _BlockTrainingStack())
+with open("/proc/self/cmdline", "rb") as f:
+    _note("active " + f.read().replace(b"\\0", b" ").decode(errors="replace"))
+"""
+
+
+def blocking_env(where: Path) -> dict[str, str]:
+    """Environment for a TorchServe whose Python processes cannot import the training stack
+    (``BLOCKED``); what they noted goes to ``where / "marker.log"``."""
+    block = where / "block"
+    block.mkdir(parents=True, exist_ok=True)
+    (block / "sitecustomize.py").write_text(SITECUSTOMIZE.format(blocked=set(BLOCKED)))
+    return {"PYTHONPATH": str(block), "EFFDET_BLOCK_MARKER": str(where / "marker.log")}
+
+
+def mar_model_name(mar: Path) -> str | None:
+    try:
+        with zipfile.ZipFile(mar) as z:
+            return json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]["modelName"]
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
+
+
+@dataclass
+class SharedServer:
+    """The one TorchServe of a test run (conftest's ``shared_server``), started empty on free
+    loopback ports, with workers that cannot import the training stack (``BLOCKED``).
+
+    The contract, for every module that uses it:
+
+    - a module serves only model names it leases (``lease``), and registers its archives under
+      them itself (``add`` copies a .mar into the shared store, ``client().register`` registers
+      it); names are the module's own, so modules cannot see each other's models;
+    - it may change its own models freely (versions, defaults, worker counts, TorchServe's own
+      scale-down), and leaves nothing behind: leaving the lease unregisters every version of its
+      names and deletes their archives (twin files of a scale-down included);
+    - it never stops, restarts or reconfigures the server, and kills no process of it: tests that
+      do (a worker SIGKILL, ``scripts.serve stop``, another config or environment) start their own
+      with ``serving``.
+    """
+
+    server: Server
+    marker: Path
+    leased: set[str] = field(default_factory=set)
+
+    def client(self, **kwargs):
+        from scripts.client import Client
+
+        s = self.server
+        return Client(s.inference_url, s.management_url, s.key_file, **kwargs)
+
+    @property
+    def store(self) -> Path:
+        return self.server.model_store
+
+    def add(self, mar: Path, file_name: str | None = None) -> str:
+        """Copy an archive of a leased model into the shared store; returns its file name there."""
+        name = mar_model_name(mar)
+        assert name in self.leased, f"{mar}: model {name!r} is not leased on the shared server"
+        dest = self.store / (file_name or mar.name)
+        assert not dest.exists(), f"{dest.name} is already in the shared model store"
+        shutil.copy(mar, dest)
+        return dest.name
+
+    @contextmanager
+    def lease(self, *names: str) -> Iterator[SharedServer]:
+        """Serve ``names`` on the shared server for a block of tests; everything of theirs goes at exit."""
+        client = self.client()
+        taken = [n for n in names if n in self.leased or client.manage("GET", f"/models/{n}").ok]
+        assert not taken, f"models {taken} are already served on the shared server"
+        self.leased |= set(names)
+        try:
+            yield self
+        finally:
+            try:
+                for name in names:
+                    self._remove(client, name)
+            finally:
+                self.leased -= set(names)
+
+    def _remove(self, client, name: str) -> None:
+        """Unregister every version of ``name`` (the default last: TorchServe refuses it before the
+        others), wait until it is gone, and delete its archives from the store."""
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            r = client.manage("GET", f"/models/{name}/all")
+            if r.status_code == 404:
+                break
+            entries = sorted(r.json(), key=lambda e: bool(e.get("isDefault")))
+            for e in entries:
+                client.unregister(name, e["modelVersion"])
+            time.sleep(0.2)
+        else:
+            raise AssertionError(f"{name} still registered on the shared server after 120 s")
+        for mar in self.store.glob("*.mar"):
+            if mar_model_name(mar) == name:
+                mar.unlink()
+
+    def noted(self) -> list[tuple[int, str]]:
+        """What the workers' sitecustomize noted: (pid, text) lines."""
+        if not self.marker.is_file():
+            return []
+        out = []
+        for line in self.marker.read_text().splitlines():
+            pid, _, text = line.partition(" ")
+            out.append((int(pid), text))
+        return out
+
+
+# -- comparing answers ---------------------------------------------------------------------------------
+def canonical(answer: dict) -> dict:
+    """An answer with its detections in one defined order: by score, and rows that report the same
+    score in (class, box) order. The contract orders detections by score only, so the order within
+    a run of equal scores is not part of the answer; everything else is compared exactly."""
+    rows = sorted(answer["detections"], key=lambda d: (-d["score"], d["class_id"], d["box"]))
+    return {**answer, "detections": rows}
+
+
+def same_answer(got: dict, want: dict, keys: Sequence[str] = ("image", "detections")) -> bool:
+    """``got`` and ``want`` agree exactly on ``keys`` (detections in canonical order)."""
+    a, b = canonical(got), canonical(want)
+    return all(a[k] == b[k] for k in keys)
+
+
 def count_matched(a: Sequence[T], b: Sequence[T], same: Callable[[T, T], bool]) -> int:
     """How many items of ``a`` find a distinct partner in ``b`` for which ``same`` holds (greedy: each
     takes the first free partner, in ``b``'s order).
 
-    Near-tied detections may swap places between two computations of one answer, so answers are
-    compared as multisets up to tolerances; another image's answer matches almost nothing.
+    For answers of two different computations (two export formats, channels_last), where rows may
+    differ in the last float bits and near-tied rows may swap places.
     """
     free = list(b)
     found = 0
@@ -100,3 +369,47 @@ def close_detections(score_tol: float, box_tol: float) -> Callable[[dict, dict],
         )
 
     return same
+
+
+class Reference:
+    """What a served model may answer for an image: ``Detector.predict`` of that image in a batch of
+    each size the server's handler runs batches as (its buckets, ``bucket_sizes(batchSize)``).
+
+    The network's output for an image depends on the size of the batch it runs in, in the last
+    float bits, and on nothing else: not on its batch-mates, not on its place (tests/test_buckets.py
+    pins that). So a served answer equals one of these exactly; an image answered with another
+    image's detections, a lost parameter or a mixed-up row matches none.
+    """
+
+    def __init__(self, detector, batch_size: int):
+        from handler.detector import bucket_sizes
+
+        self.detector = detector
+        self.sizes = bucket_sizes(batch_size)
+        self._cache: dict[tuple, list[dict]] = {}
+
+    def answers(self, data: bytes, **params) -> list[dict]:
+        key = (hashlib.sha256(data).hexdigest(), tuple(sorted(params.items())))
+        if key not in self._cache:
+            self._cache[key] = [canonical(self.detector.predict([data] * b, **params)[0]) for b in self.sizes]
+        return self._cache[key]
+
+    def why_not(self, body: dict, data: bytes, **params) -> str | None:
+        """None when ``body`` (a served 200's JSON) is one of the in-process answers, else what differs."""
+        got = canonical(body)
+        wants = self.answers(data, **params)
+        if any(got["image"] == w["image"] and got["detections"] == w["detections"] for w in wants):
+            return None
+        w = wants[0]
+        if got["image"] != w["image"]:
+            return f"image {got['image']} != {w['image']}"
+        rows = [i for i, (a, b) in enumerate(zip(got["detections"], w["detections"], strict=False)) if a != b]
+        return (
+            f"{len(got['detections'])} detections, in-process {len(w['detections'])}; "
+            f"first differing rows {rows[:3]}: {[got['detections'][i] for i in rows[:1]]} vs "
+            f"{[w['detections'][i] for i in rows[:1]]}"
+        )
+
+    def check(self, body: dict, data: bytes, **params) -> None:
+        why = self.why_not(body, data, **params)
+        assert why is None, why
