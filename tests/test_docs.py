@@ -40,7 +40,7 @@ from tests.doc_commands import (
     make_recipe,
     python_modules,
 )
-from tests.helpers import Reference, canonical
+from tests.helpers import Reference
 
 COMMANDS = all_commands()
 
