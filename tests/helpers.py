@@ -386,28 +386,33 @@ class Reference:
 
         self.detector = detector
         self.sizes = bucket_sizes(batch_size)
-        self._cache: dict[tuple, list[dict]] = {}
+        self._cache: dict[tuple, dict] = {}
 
-    def answers(self, data: bytes, **params) -> list[dict]:
-        key = (hashlib.sha256(data).hexdigest(), tuple(sorted(params.items())))
+    def answer(self, data: bytes, size: int = 1, **params) -> dict:
+        """The in-process answer (canonical order) for ``data`` in a batch of ``size``."""
+        key = (hashlib.sha256(data).hexdigest(), size, tuple(sorted(params.items())))
         if key not in self._cache:
-            self._cache[key] = [canonical(self.detector.predict([data] * b, **params)[0]) for b in self.sizes]
+            self._cache[key] = canonical(self.detector.predict([data] * size, **params)[0])
         return self._cache[key]
+
+    def answers(self, data: bytes, **params) -> Iterator[dict]:
+        for size in self.sizes:
+            yield self.answer(data, size, **params)
 
     def why_not(self, body: dict, data: bytes, **params) -> str | None:
         """None when ``body`` (a served 200's JSON) is one of the in-process answers, else what differs."""
         got = canonical(body)
-        wants = self.answers(data, **params)
-        if any(got["image"] == w["image"] and got["detections"] == w["detections"] for w in wants):
-            return None
-        w = wants[0]
+        for want in self.answers(data, **params):
+            if got["image"] == want["image"] and got["detections"] == want["detections"]:
+                return None
+        w = self.answer(data, 1, **params)
         if got["image"] != w["image"]:
             return f"image {got['image']} != {w['image']}"
         rows = [i for i, (a, b) in enumerate(zip(got["detections"], w["detections"], strict=False)) if a != b]
+        first = rows[0] if rows else min(len(got["detections"]), len(w["detections"]))
         return (
-            f"{len(got['detections'])} detections, in-process {len(w['detections'])}; "
-            f"first differing rows {rows[:3]}: {[got['detections'][i] for i in rows[:1]]} vs "
-            f"{[w['detections'][i] for i in rows[:1]]}"
+            f"{len(got['detections'])} detections, in-process {len(w['detections'])}; {len(rows)} rows differ, "
+            f"first at {first}: {got['detections'][first : first + 1]} vs {w['detections'][first : first + 1]}"
         )
 
     def check(self, body: dict, data: bytes, **params) -> None:

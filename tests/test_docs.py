@@ -703,32 +703,14 @@ def test_reference_checks_can_fail(doc_detector, val_images):
     max_detections), a parameter lost, or another image's answer fails."""
     ref = Reference(doc_detector, batch_size=2)
     data = val_images[0]
-    want = ref.answers(data, score_threshold=0.3, max_detections=20)[0]
+    want = ref.answer(data, score_threshold=0.3, max_detections=20)
     assert len(want["detections"]) == 20
     ref.check(want, data, score_threshold=0.3, max_detections=20)
     for wrong in (
         {**want, "detections": want["detections"][:19]},
-        ref.answers(data, score_threshold=0.3, max_detections=21)[0],
-        ref.answers(data, score_threshold=0.0)[0],
-        ref.answers(val_images[1], score_threshold=0.3, max_detections=20)[0],
+        ref.answer(data, score_threshold=0.3, max_detections=21),
+        ref.answer(data, score_threshold=0.0),
+        ref.answer(val_images[1], score_threshold=0.3, max_detections=20),
     ):
         with pytest.raises(AssertionError):
             ref.check(wrong, data, score_threshold=0.3, max_detections=20)
-
-
-def test_shared_server_workers_cannot_import_the_training_stack(doc_server):
-    """What the shared server proves for every test that serves on it: its workers ran with the
-    training stack blocked, and imported the handler package from the archive, not the repository."""
-    client = doc_server.client()
-    fresh(doc_server, "NAME")
-    pids = {w["pid"] for e in client.describe("NAME") for w in e["workers"]}
-    noted = doc_server.noted()
-    active = {pid for pid, text in noted if text.startswith("active") and "model_service_worker" in text}
-    assert pids and pids <= active, "the block was not active in the serving worker"
-    sources = [
-        text.split(" ", 1)[1] for pid, text in noted if pid in pids and text.startswith("handler-from")
-    ]
-    models_dir = str(doc_server.server.workdir / "tmp" / "models")
-    assert sources and all(s.startswith(models_dir) for s in sources), sources
-    log = (doc_server.server.workdir / "logs" / "model_log.log").read_text(errors="replace")
-    assert "is blocked in this worker" not in log  # nothing in the serving path wanted the training stack
