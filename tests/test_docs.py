@@ -28,6 +28,7 @@ import yaml
 from PIL import Image
 
 from scripts.paths import ROOT
+from tests import helpers
 from tests.doc_commands import (
     CURL_DEFINITION,
     MENTIONS,
@@ -349,22 +350,26 @@ def check_archive(c: Command, store: Path, out: str) -> None:
 
 
 @pytest.mark.timeout(600)
-def test_aoti_commands_run(aoti_run, tmp_path, monkeypatch, capsys):
-    """The AOTInductor lines: the export line is the one the shared ``aoti_run`` fixture ran (as
-    written, in a fresh interpreter); the archive line packages its model.pt2; ``export.measure``
-    compares both files (at one batch, one short round)."""
-    run, stdout = aoti_run
+def test_aoti_commands_run(aoti_run, exported, tmp_path, monkeypatch, capsys):
+    """The AOTInductor lines: the export line is the one conftest's ``aoti_run`` ran (the real CLI
+    in a fresh interpreter, on the shared run's checkpoint); the archive line packages its
+    model.pt2; ``export.measure`` compares both files (one batch, one short round)."""
+    from tests.conftest import AOTI_ARGV
+
+    aoti_dir, stdout = aoti_run
     cases = commands_for("aoti")
     by_module = {
         m: [c for c in cases if c.module == m] for m in ("export", "scripts.archive", "export.measure")
     }
     assert all(by_module.values()), cases
     for c in by_module["export"]:
-        assert c.argv == ["runs/NAME/best.ckpt", "--format", "aoti"], (
-            f"{c}: conftest's aoti_run runs another line"
-        )
-    assert (run / "export_aoti" / "model.pt2").is_file() and "AOTInductor" in stdout
-    monkeypatch.chdir(run.parent.parent)  # the directory holding runs/NAME
+        assert c.argv == AOTI_ARGV, f"{c}: conftest's aoti_run runs another line"
+    assert (aoti_dir / "model.pt2").is_file() and "AOTInductor" in stdout
+    run = tmp_path / "runs" / "NAME"
+    run.mkdir(parents=True)
+    (run / "export").symlink_to(exported)
+    (run / "export_aoti").symlink_to(aoti_dir)
+    monkeypatch.chdir(tmp_path)
     for i, c in enumerate(by_module["scripts.archive"]):
         store = tmp_path / f"store{i}"
         check_archive(c, store, run_main("scripts.archive", [*c.argv, "--model-store", str(store)], capsys))
@@ -402,8 +407,8 @@ def test_python_example_runs(exported, val_images, detector, tmp_path, monkeypat
 
 # -- the bench ------------------------------------------------------------------------------------------
 # Tiny settings: what a line names it keeps; sizes of work (repeats, images, requests, training steps)
-# shrink. The full default run (make bench) runs every stage, the served one and the null handler's
-# included; a line that names served settings runs the served stages; the others leave them out.
+# shrink. The served stages (TorchServe, the model's settings and the null handler's) run for the
+# line that names served settings; the other lines run the in-process stages.
 BENCH_TINY = ["--repeats", "1", "--warmup", "0", "--images", "2", "--image-side", "96", "--requests", "4",
               "--served-repeats", "1", "--train-steps", "1", "--no-progress"]  # fmt: skip
 BENCH_SMALLER = {"--batches": "1,2", "--configs": "2:5:1", "--concurrency": "2", "--image-size": "128"}
@@ -421,7 +426,7 @@ def bench_argv(c: Command, out: Path) -> list[str]:
     for flag, value in BENCH_SMALLER.items():
         if flag not in named:
             tiny += [flag, value]
-    if "--stages" not in named and c.program != "make" and not named & set(SERVED_FLAGS):
+    if "--stages" not in named and not named & set(SERVED_FLAGS):
         tiny += ["--stages", "model,effdet,post,handler,fp16"]
     return [*argv, *tiny]
 
@@ -435,15 +440,20 @@ def test_bench_commands_run(exported, tmp_path, monkeypatch, capsys):
     from scripts import bench
 
     cases = commands_for("bench")
-    assert any(c.program == "make" for c in cases) and any("--configs" in c.argv for c in cases)
+    assert any(c.program == "make" for c in cases)
+    assert [c for c in cases if "served" in bench.parse_args(bench_argv(c, tmp_path)).stages], (
+        "no served stage"
+    )
     (tmp_path / "runs" / "myrun").mkdir(parents=True)
     shutil.copytree(exported, tmp_path / "runs" / "myrun" / "export")
     monkeypatch.chdir(tmp_path)
     for i, c in enumerate(cases):
         out = tmp_path / f"bench{i}"
         argv = bench_argv(c, out)
+        running = list(helpers.LIVE_SERVERS)
         results = bench.main(argv)
         capsys.readouterr()
+        assert helpers.LIVE_SERVERS == running, f"{c}: the bench left its TorchServe running"
         written = json.loads((out / "latest.json").read_text())
         assert not written.get("failures"), (c, written.get("failures"))
         assert (out / "latest.png").is_file(), c
