@@ -39,7 +39,11 @@ def load_seconds(path: Path, tries: int) -> float:
     times = []
     for _ in range(tries):
         proc = subprocess.run(
-            [sys.executable, "-c", LOAD, str(path)], capture_output=True, text=True, cwd=root, check=True
+            [sys.executable, "-c", LOAD, str(Path(path).resolve())],
+            capture_output=True,
+            text=True,
+            cwd=root,
+            check=True,
         )
         times.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     return statistics.median(times)
