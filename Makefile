@@ -11,7 +11,7 @@ NAME ?= effdet_demo
 DATA ?= data/synthetic
 RUN ?= runs/$(NAME)
 
-.PHONY: setup demo test lint fmt serve stop bench soak clean
+.PHONY: setup demo test test-fast lint fmt serve stop bench soak clean
 
 setup: $(STAMP)
 
@@ -26,8 +26,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	JAVA_HOME=$$($(JAVA_HOME_CMD)) $(BIN)/python -m scripts.demo --name $(NAME)
 
+# The whole suite: real TorchServe servers, training and AOTInductor compiles included (what CI runs).
 test: $(STAMP)
 	JAVA_HOME=$$($(JAVA_HOME_CMD)) $(BIN)/python -m pytest -m "not soak" tests
+
+# The unit layer: no TorchServe, no training beyond the shared fixture's few steps, no compile.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not server and not train and not compile and not soak" tests
 
 soak: $(STAMP)
 	JAVA_HOME=$$($(JAVA_HOME_CMD)) $(BIN)/python -m pytest -m soak tests

@@ -44,7 +44,7 @@ def load_seconds(path: Path, tries: int, plain: bool = False) -> float:
     times = []
     for _ in range(tries):
         proc = subprocess.run(
-            [sys.executable, "-c", LOAD, str(path), "plain" if plain else "served"],
+            [sys.executable, "-c", LOAD, str(Path(path).resolve()), "plain" if plain else "served"],
             capture_output=True,
             text=True,
             cwd=root,

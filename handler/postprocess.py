@@ -166,10 +166,15 @@ def detect(
     # score floor leaves at most k logits per image above it, exactly those (all of them are in
     # the top-k then, and nothing below the floor is answered), which skips the top-k itself.
     # On CUDA the count would be a host sync: the top-k is cheap there, so it always runs.
+    # Exactly tied logits are the exception: NMS keeps the first of two tied boxes in its input
+    # order, which for effdet is the top-k's, so then the top-k runs.
     above = cls_all >= _logit(min_score) - 1e-4 if min_score > 0 and cls_all.device.type != "cuda" else None
+    image_of = None
     if above is not None and int(above.sum(1).max()) <= k:
         image_of, flat_idx = above.nonzero(as_tuple=True)
-    else:
+        if torch.unique(cls_all[image_of, flat_idx]).numel() < flat_idx.numel():
+            image_of = None
+    if image_of is None:
         flat_idx = torch.topk(cls_all, k=k, dim=1).indices.reshape(-1)
         image_of = torch.arange(batch, device=cls_all.device).repeat_interleave(k)
     anchor_idx = torch.div(flat_idx, num_classes, rounding_mode="floor")

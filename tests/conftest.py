@@ -1,13 +1,28 @@
-"""Shared fixtures: a small synthetic dataset, a briefly trained run, its export and archive, a server.
+"""Shared fixtures and the rules every test runs under.
 
-Everything is real and made here: the dataset by ``train.synthetic``, the checkpoint by
-``python -m train``'s own ``main``, the TorchScript by ``export``, the .mar by the real
-torch-model-archiver, the server by ``torchserve --start`` on free loopback ports.
+Fixtures: a small synthetic dataset, a briefly trained run, its TorchScript export and archive,
+its AOTInductor package, and one TorchServe for the whole run. Everything is real and made here:
+the dataset by ``train.synthetic``, the checkpoint by ``python -m train``'s own ``main``, the
+TorchScript by ``export``, the .mar by the real torch-model-archiver, the package by the
+documented ``python -m export ... --format aoti``, the server by ``torchserve --start`` on free
+loopback ports. Built fixtures are kept in pytest's cache directory, keyed on what produced them
+(``tests.helpers.FixtureCache``): a second run with the same sources builds nothing again.
+
+Rules (hooks below):
+
+- markers say what a test needs: ``server`` (a real TorchServe), ``train`` (training beyond the
+  shared fixture's few steps), ``compile`` (an AOTInductor package), ``soak``. A test that uses a
+  fixture decorated with ``tests.helpers.starts_torchserve`` (or ``marks_users``) gets its marker
+  automatically; a test that starts a TorchServe without the ``server`` marker fails, so ``make
+  test-fast`` (``-m "not server and not train and not compile and not soak"``) can trust them;
+- a test that fails (a ``pytest-timeout`` timeout included) while TorchServe servers of this
+  process run gets their log tails attached to its report.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,51 +32,180 @@ import torch
 # The repo root on sys.path first (pytest puts only tests/ there), then the one ROOT the project defines.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from scripts.paths import ROOT  # noqa: E402
+from scripts.serve import Server  # noqa: E402
+from tests import helpers  # noqa: E402
+from tests.helpers import FixtureCache, SharedServer, marks_users, starts_torchserve  # noqa: E402
 
 os.environ.setdefault("PYTHONPATH", str(ROOT))
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+# The shared fixture model: the small preset at its smallest input size, trained for a few steps.
+FIXTURE_IMAGE_SIZE = 128
+FIXTURE_STEPS = 3
+# The class head scaled after training so that scores differ from anchor to anchor (see
+# helpers.spread_class_scores): served answers then compare with in-process ones row for row.
+SCORE_SPREAD = 300.0
+
+
+# -- markers and the rules they come with ---------------------------------------------------------------
+def pytest_collection_modifyitems(config, items):
+    """Give each test the markers of the fixtures it uses (``helpers.marks_users``)."""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if info is None:
+            continue
+        for name in item.fixturenames:
+            for fixture_def in info.name2fixturedefs.get(name, ()):
+                for mark in getattr(fixture_def.func, "_marks_users", ()):
+                    if item.get_closest_marker(mark) is None:
+                        item.add_marker(mark)
+
+
+_current: list[pytest.Item] = []
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    _current[:] = [item]
+    yield
+    _current[:] = []
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failing test's report carries the log tails of the TorchServe servers running at that moment."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for srv in list(helpers.LIVE_SERVERS):
+            report.sections.append((f"TorchServe {srv.workdir}", srv.log_tail(60)))
+
+
+_start, _stop = Server.start, Server.stop
+
+
+def _tracked_start(self, *args, **kwargs):
+    item = _current[0] if _current else None
+    if item is not None and item.get_closest_marker("server") is None:
+        raise pytest.UsageError(
+            f"{item.nodeid} starts a TorchServe but is not marked `server`: add @pytest.mark.server, "
+            "or decorate the fixture that starts it with tests.helpers.starts_torchserve"
+        )
+    helpers.LIVE_SERVERS.append(self)
+    return _start(self, *args, **kwargs)
+
+
+def _tracked_stop(self, *args, **kwargs):
+    try:
+        return _stop(self, *args, **kwargs)
+    finally:
+        if self in helpers.LIVE_SERVERS:
+            helpers.LIVE_SERVERS.remove(self)
+
+
+Server.start, Server.stop = _tracked_start, _tracked_stop
+
+
+# -- built fixtures ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def fixture_cache(request, tmp_path_factory) -> FixtureCache:
+    cache = getattr(request.config, "cache", None)
+    use = cache is not None and os.environ.get("EFFDET_TEST_CACHE", "1") != "0"
+    root = Path(cache.mkdir("effdet-serve-fixtures")) if use else None
+    return FixtureCache(root, tmp_path_factory.mktemp("built"))
+
 
 @pytest.fixture(scope="session")
-def synthetic_dir(tmp_path_factory) -> Path:
+def synthetic_dir(fixture_cache) -> Path:
     """24 train + 8 val synthetic images in COCO format (3 classes, some negatives)."""
     from train import synthetic
 
-    return synthetic.generate(tmp_path_factory.mktemp("synthetic"), train=24, val=8, seed=1)
+    key = {"train": 24, "val": 8, "seed": 1}
+    return fixture_cache.get("synthetic", key, lambda d: synthetic.generate(d, **key))
 
 
 @pytest.fixture(scope="session")
-def trained_run(synthetic_dir, tmp_path_factory) -> Path:
-    """A run directory from a few real training steps of the small preset (best.ckpt, model.json)."""
+def trained_run(synthetic_dir, fixture_cache) -> Path:
+    """A run directory (best.ckpt, last.ckpt, model.json) from a few real training steps of the small
+    preset at 128x128, its class head then scaled by SCORE_SPREAD in best.ckpt."""
     from train.__main__ import main
 
-    out = tmp_path_factory.mktemp("runs") / "tiny"
-    main(
-        ["--data", str(synthetic_dir), "--format", "synthetic", "--model", "small", "--epochs", "1",
-         "--max-steps", "3", "--batch-size", "4", "--out", str(out)]
-    )  # fmt: skip
-    return out
+    args = ["--data", str(synthetic_dir), "--format", "synthetic", "--model", "small", "--epochs", "1",
+            "--max-steps", str(FIXTURE_STEPS), "--batch-size", "4", "--image-size", str(FIXTURE_IMAGE_SIZE)]  # fmt: skip
+
+    def build(out: Path) -> None:
+        main([*args, "--out", str(out)])
+        helpers.spread_class_scores(out / "best.ckpt", SCORE_SPREAD)
+
+    return fixture_cache.get("run", {"args": args, "spread": SCORE_SPREAD}, build)
 
 
 @pytest.fixture(scope="session")
-def exported(trained_run) -> Path:
+def exported(trained_run, fixture_cache) -> Path:
     """The run exported with torch.jit.script: model.pt, model.json, index_to_name.json."""
     from export.formats import export
 
-    export(trained_run / "best.ckpt", trained_run / "export")
-    return trained_run / "export"
+    def build(out: Path) -> None:
+        export(trained_run / "best.ckpt", out)
+
+    return fixture_cache.get("export", {"run": str(trained_run)}, build)
 
 
 @pytest.fixture(scope="session")
-def model_store(exported, tmp_path_factory) -> Path:
+def model_store(exported, fixture_cache) -> Path:
     """A model store holding tiny.mar (batchSize 4) built by the real torch-model-archiver."""
     from scripts.archive import archive
     from scripts.settings import ModelConfig
 
-    store = tmp_path_factory.mktemp("model_store")
-    archive(exported, "tiny", "1.0", store, ModelConfig(batch_size=4, max_batch_delay=50))
-    return store
+    def build(store: Path) -> None:
+        archive(exported, "tiny", "1.0", store, ModelConfig(batch_size=4, max_batch_delay=50))
+
+    return fixture_cache.get("store", {"export": str(exported), "tiny": "b4 d50"}, build)
+
+
+# The documented AOTInductor line (README, docs/formats.md), as ``aoti_run`` runs it: the
+# checkpoint is the shared run's and the output goes beside it (``--out``) instead of into it.
+AOTI_ARGV = ["runs/NAME/best.ckpt", "--format", "aoti"]
+
+
+@pytest.fixture(scope="session")
+@marks_users("compile")
+def aoti_run(trained_run, fixture_cache) -> tuple[Path, str]:
+    """The shared run's AOTInductor package from the real CLI in a fresh interpreter (the documented
+    ``python -m export runs/NAME/best.ckpt --format aoti``): (its export directory, the CLI's
+    stdout). Compiling takes minutes on 2 cores."""
+
+    def build(out: Path) -> None:
+        argv = [str(trained_run / "best.ckpt"), *AOTI_ARGV[1:], "--out", str(out / "export_aoti")]
+        proc = subprocess.run([sys.executable, "-m", "export", *argv], cwd=ROOT, capture_output=True, text=True,
+                              timeout=1500, env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        (out / "stdout.txt").write_text(proc.stdout)
+
+    out = fixture_cache.get("aoti", {"run": str(trained_run), "argv": AOTI_ARGV}, build)
+    return out / "export_aoti", (out / "stdout.txt").read_text()
+
+
+# The documented ONNX line (README, docs/formats.md), run as ``onnx_run`` runs it: output beside the run.
+ONNX_ARGV = ["runs/NAME/best.ckpt", "--format", "onnx"]
+
+
+@pytest.fixture(scope="session")
+@marks_users("compile")
+def onnx_run(trained_run, fixture_cache) -> tuple[Path, str]:
+    """The shared run exported to ONNX by the real CLI in a fresh interpreter (the documented
+    ``python -m export runs/NAME/best.ckpt --format onnx``): (its export directory, the CLI's stdout)."""
+
+    def build(out: Path) -> None:
+        argv = [str(trained_run / "best.ckpt"), *ONNX_ARGV[1:], "--out", str(out / "export_onnx")]
+        proc = subprocess.run([sys.executable, "-m", "export", *argv], cwd=ROOT, capture_output=True, text=True,
+                              timeout=900, env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        (out / "stdout.txt").write_text(proc.stdout)
+
+    out = fixture_cache.get("onnx", {"run": str(trained_run), "argv": ONNX_ARGV}, build)
+    return out / "export_onnx", (out / "stdout.txt").read_text()
 
 
 @pytest.fixture(scope="session")
@@ -75,3 +219,18 @@ def detector(exported):
     from handler.detector import Detector
 
     return Detector(exported / "model.pt")
+
+
+# -- the run's TorchServe ---------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+@starts_torchserve
+def shared_server(tmp_path_factory):
+    """One TorchServe for the whole run, started empty on first use, stopped at the end; its workers
+    cannot import the training stack. Modules lease model names on it: see ``helpers.SharedServer``
+    for the contract. Tests that stop, kill or reconfigure a server start their own."""
+    where = tmp_path_factory.mktemp("shared")
+    store = where / "model_store"
+    store.mkdir()
+    env = helpers.blocking_env(where)
+    with helpers.serving(where / "ts", store, [], extra_env=env) as srv:
+        yield SharedServer(srv, where / "marker.log")

@@ -2,7 +2,8 @@
 
 The handler pads each batch to the smallest of a few bucket sizes (``bucket_sizes``) and warms
 each bucket at start, so that no batch size TorchServe forms makes TorchScript profile again while
-requests wait. Here the fixture model serves batches of every size 1..8 of real JPEGs.
+requests wait. Here the fixture model serves batches of every size 1..6 of real JPEGs (buckets
+1, 2, 3, 4, 6: a batch of 5 runs padded to 6).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from handler.detector import Detector, bucket_sizes
 from handler.geometry import letterbox_batch
 from tests.helpers import count_matched
 
-MAX_BATCH = 8
+MAX_BATCH = 6
 
 
 def test_bucket_sizes():
@@ -35,8 +36,12 @@ def padded(exported) -> Detector:
 
 
 @pytest.fixture(scope="module")
-def plain(exported) -> Detector:
-    return Detector(exported / "model.pt")
+def plain(exported, padded) -> Detector:
+    """The same network without padding (one TorchScript module for both: each batch shape is
+    profiled and optimised once)."""
+    det = Detector(exported / "model.pt")
+    det.model = padded.model
+    return det
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +85,12 @@ def alike(got: torch.Tensor, want: torch.Tensor) -> bool:
 def test_every_batch_size_answers_as_its_images_alone(padded, plain, images, monkeypatch):
     """A batch of n runs as bucket(n) rows: the network's outputs for its n images are bit for bit
     those of an unpadded batch of that size, padding is cut off before the post-processing, and
-    every image is answered as when it is alone."""
+    every image is answered exactly as in a batch of that size of its own copies (so padding and
+    batch-mates change nothing), and close to its answer alone (a batch of one rounds differently
+    in the last bits)."""
     alone = [plain.detect_tensors([img], score_threshold=0.0)[0] for img in images]
     assert not alike(alone[0], alone[1])  # the comparison tells images apart
+    own: dict[tuple[int, int], torch.Tensor] = {}
     seen = _spy(padded, monkeypatch)
     for n in range(1, MAX_BATCH + 1):
         got = padded.detect_tensors(images[:n], score_threshold=0.0)
@@ -90,6 +98,9 @@ def test_every_batch_size_answers_as_its_images_alone(padded, plain, images, mon
         assert seen["forward"][-1] == rows and seen["post"][-1] == n
         assert got.shape == (n, padded.max_det_per_image, 6)
         for i in range(n):
+            if (i, rows) not in own:
+                own[i, rows] = plain.detect_tensors([images[i]] * rows, score_threshold=0.0)[0]
+            assert torch.equal(got[i], own[i, rows]), f"batch of {n}, image {i}"
             assert alike(got[i], alone[i]), f"batch of {n}, image {i}"
         # the real rows at the network: identical to the same images filling the bucket unpadded
         x, _, _ = padded.preprocess(images[:n])
@@ -100,6 +111,21 @@ def test_every_batch_size_answers_as_its_images_alone(padded, plain, images, mon
         for a, b in zip([*heads_x[0], *heads_x[1]], [*heads_y[0], *heads_y[1]], strict=True):
             assert torch.equal(a[:n], b[:n])
     assert set(seen["forward"]) == set(padded.buckets)
+
+
+def test_network_output_depends_on_the_batch_size_only(plain, images):
+    """An image's head outputs in a batch of b are the same bits whatever its batch-mates and its
+    place in the batch: what lets served answers be compared exactly with in-process ones
+    (tests.helpers.Reference: one in-process answer per bucket size)."""
+    x0 = images[0]
+    for b in (2, 3, 4):
+        own = plain.forward(plain.preprocess([x0] * b)[0])
+        for place in range(b):
+            batch = [images[(place + j + 1) % len(images)] for j in range(b)]
+            batch[place] = x0
+            heads = plain.forward(plain.preprocess(batch)[0])
+            for a, c in zip([*own[0], *own[1]], [*heads[0], *heads[1]], strict=True):
+                assert torch.equal(a[0], c[place]), (b, place)
 
 
 def test_padding_rows_never_answer(padded, images):

@@ -22,8 +22,6 @@ from scripts.paths import ROOT
 from scripts.serve import Server
 from train.data import check_records, load_coco
 
-pytestmark = pytest.mark.slow
-
 
 def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
@@ -65,9 +63,22 @@ def test_no_batch_delay_is_written_as_one_ms():
     assert ModelConfig(max_batch_delay=7).to_yaml()["maxBatchDelay"] == 7
 
 
-def test_archive_cli_refuses_a_bad_device_list(exported, tmp_path):
-    r = run("-m", "scripts.archive", str(exported), "--device-ids", "zero", "--model-store", str(tmp_path))
-    assert r.returncode == 2 and "--device-ids" in r.stderr
+def in_process(main, *args: str, capsys) -> tuple[int, str]:
+    """(exit code, stderr) of a command line's ``main`` run in this process."""
+    try:
+        code = main(list(args)) or 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def test_archive_cli_refuses_a_bad_device_list(exported, tmp_path, capsys):
+    from scripts.archive import main
+
+    code, err = in_process(
+        main, str(exported), "--device-ids", "zero", "--model-store", str(tmp_path), capsys=capsys
+    )
+    assert code == 2 and "--device-ids" in err
     assert not list(tmp_path.iterdir())
 
 
@@ -86,13 +97,16 @@ def test_export_cli_default_method(trained_run, tmp_path):
     assert names == {str(i + 1): n for i, n in enumerate(card["classes"])}
 
 
-def test_export_cli_refuses_a_missing_checkpoint(tmp_path):
-    r = run("-m", "export", str(tmp_path / "nope.ckpt"))
-    last = r.stderr.strip().splitlines()[-1]
-    assert r.returncode == 2 and last.startswith("export failed: ") and "not found" in last, r.stderr
+def test_export_cli_refuses_a_missing_checkpoint(tmp_path, capsys):
+    from export.__main__ import main
+
+    code, err = in_process(main, str(tmp_path / "nope.ckpt"), capsys=capsys)
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("export failed: ") and "not found" in last, err
     assert not (tmp_path / "export").exists()
 
 
+@pytest.mark.server
 def test_serve_stop_cli(tmp_path):
     """``python -m scripts.serve stop --workdir W`` stops the TorchServe running there and says so."""
     srv = Server(tmp_path / "ts", tmp_path / "store", free_ports=True)
@@ -110,11 +124,15 @@ def test_serve_stop_cli(tmp_path):
         srv.stop()
 
 
-def test_archive_cli_names_what_is_missing(tmp_path):
-    r = run("-m", "scripts.archive", str(tmp_path / "no_export"), "--model-store", str(tmp_path / "store"))
-    assert r.returncode == 2, r.stderr
+def test_archive_cli_names_what_is_missing(tmp_path, capsys):
+    from scripts.archive import main
+
+    code, err = in_process(
+        main, str(tmp_path / "no_export"), "--model-store", str(tmp_path / "store"), capsys=capsys
+    )
+    assert code == 2, err
     assert (
-        r.stderr.strip()
+        err.strip()
         == f"archive failed: {tmp_path / 'no_export' / 'model.pt'} missing: run `python -m export` first"
     )
 
@@ -130,32 +148,44 @@ def test_archive_cli_names_what_is_missing(tmp_path):
         (["--name", "../x"], "model name"),
     ],
 )
-def test_archive_cli_refuses_values_torchserve_would_store(exported, tmp_path, flags, message):
+def test_archive_cli_refuses_values_torchserve_would_store(exported, tmp_path, flags, message, capsys):
     """Refused with one line before the archiver runs: nothing is written."""
-    r = run("-m", "scripts.archive", str(exported), "--model-store", str(tmp_path / "store"), *flags)
-    assert r.returncode == 2 and r.stderr.startswith("archive failed: ") and message in r.stderr, r.stderr
+    from scripts.archive import main
+
+    code, err = in_process(
+        main, str(exported), "--model-store", str(tmp_path / "store"), *flags, capsys=capsys
+    )
+    assert code == 2 and err.startswith("archive failed: ") and message in err, err
     assert not (tmp_path / "store").exists() or not list((tmp_path / "store").iterdir())
 
 
+@pytest.mark.train
+@pytest.mark.server
+@pytest.mark.timeout(900)
 def test_demo_runs_end_to_end(tmp_path):
-    """``python -m scripts.demo`` (what ``make demo`` runs) with tiny settings, its outputs in tmp_path.
+    """``make demo``'s recipe, ``python -m scripts.demo``, with tiny settings, its outputs in tmp_path.
 
     The demo strings the whole chain together, so a regression in how it reads what one step
     returns (it once read the model card as a dict) slips past the tests of each step. Asserted:
-    what it prints at each step, the picture, and that the repository's runs/ and model_store/
-    get nothing.
+    what it prints at each step, the picture, the scaling under traffic with every request
+    answered 200 and none retried (as the README says), and that the repository's runs/ and
+    model_store/ get nothing.
     """
+    from tests.doc_commands import Command, make_recipe
+
+    module, *argv = make_recipe(Command("Makefile", 0, "make demo NAME=x", "shell"))
+    assert (module, argv) == ("scripts.demo", ["--name", "x"]), "make demo runs something else"
     name = f"demo_{uuid.uuid4().hex[:8]}"
     data, runs, store = tmp_path / "data", tmp_path / "runs", tmp_path / "model_store"
-    cmd = [sys.executable, "-m", "scripts.demo", "--name", name, "--epochs", "1", "--train-images", "16",
-           "--val-images", "8", "--data", str(data), "--runs", str(runs), "--model-store", str(store)]  # fmt: skip
+    cmd = [sys.executable, "-m", module, "--name", name, "--epochs", "1", "--train-images", "8",
+           "--val-images", "4", "--data", str(data), "--runs", str(runs), "--model-store", str(store)]  # fmt: skip
     demo = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        out, err = demo.communicate(timeout=900)
+        out, err = demo.communicate(timeout=840)
     except subprocess.TimeoutExpired:
         demo.terminate()  # SIGTERM: the demo stops its TorchServe on the way out
-        out, err = demo.communicate(timeout=120)
-        pytest.fail(f"the demo ran past 900 s\n{out[-3000:]}\n{err[-3000:]}")
+        out, err = demo.communicate(timeout=60)
+        pytest.fail(f"the demo ran past 840 s\n{out[-3000:]}\n{err[-3000:]}")
     assert demo.returncode == 0, f"{out[-3000:]}\n{err[-3000:]}"
 
     assert re.search(r"val mAP@\.5 after training: \d\.\d{3}\n", out), out[-3000:]
@@ -179,6 +209,7 @@ def test_demo_runs_end_to_end(tmp_path):
     summary = ast.literal_eval(re.search(r"^requests during scaling: (\{.*\})$", out, re.M)[1])
     assert summary["requests"] > 0 and summary["by_status"] == {"200": summary["requests"]}, summary
     assert summary["unanswered"] == 0
+    assert summary["retried_requests"] == 0 and summary["retries"] == {}, summary  # "none retried"
     assert f"artefacts in {runs / name}" in out
 
     assert sorted(p.name for p in store.iterdir()) == [f"{name}.mar"]  # the twin archive deleted

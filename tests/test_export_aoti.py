@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import warnings
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,45 +32,24 @@ from handler.config import HandlerConfig
 from handler.detector import Detector
 from handler.network import load_network, torchscript_on_purpose
 from scripts.archive import archive
-from scripts.client import Client
-from scripts.paths import ROOT
 from scripts.settings import ModelConfig
 from tests.helpers import (
+    Reference,
     TwoConvs,
     WithOpaqueOp,
     close_detections,
     count_matched,
     run_without_training_stack,
-    serving,
-    training_stack_blocked,
 )
 
 TOLERANCE = 1e-4  # the fp32 parity gate, both formats
 
 
 @pytest.fixture(scope="module")
-def aoti_cli(trained_run, tmp_path_factory) -> tuple[Path, str]:
-    """``python -m export CKPT --format aoti`` on the tiny trained run: (export dir, CLI stdout)."""
-    out = tmp_path_factory.mktemp("aoti") / "export_aoti"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "export",
-            str(trained_run / "best.ckpt"),
-            "--format",
-            "aoti",
-            "--device",
-            "cpu",
-        ]
-        + ["--out", str(out)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=1200,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc.stdout
+def aoti_cli(aoti_run) -> tuple[Path, str]:
+    """``python -m export CKPT --format aoti`` on the tiny trained run (conftest's ``aoti_run``, shared
+    with the documented commands): (export dir, CLI stdout)."""
+    return aoti_run
 
 
 @pytest.fixture(scope="module")
@@ -165,6 +143,7 @@ def test_parity_gate_refuses_a_package_that_differs(aoti_dir, trained_run):
         )
 
 
+@pytest.mark.compile  # a two-convolution package: ~30 s of C++
 def test_failed_parity_leaves_no_package_behind(tmp_path):
     torch.manual_seed(0)
     model, reference = TwoConvs().eval(), TwoConvs().eval()  # different weights: parity must fail
@@ -239,28 +218,34 @@ def near_tie_mismatches(a: list[dict], b: list[dict], score_tol: float = 3e-5, b
     return len(a) - count_matched(a, b, close_detections(score_tol, box_tol))
 
 
+@pytest.mark.server
 def test_both_archives_serve_the_same_answers_without_the_training_stack(
-    exported, aoti_dir, val_images, tmp_path
+    exported, aoti_dir, val_images, shared_server, tmp_path
 ):
-    """One TorchServe, workers unable to import effdet/timm/Lightning/train/export, serving both formats."""
-    store = tmp_path / "store"
-    cfg = ModelConfig(batch_size=2, max_batch_delay=20, handler=HandlerConfig(score_threshold=0.0))
-    archive(exported, "fmt_script", "1.0", store, cfg)
-    archive(aoti_dir, "fmt_aoti", "1.0", store, cfg)
-    with zipfile.ZipFile(store / "fmt_aoti.mar") as z:
+    """The shared TorchServe (workers unable to import effdet/timm/Lightning/train/export) serving both
+    formats, 12 requests from 4 threads so that batches of two form (a package compiled for a dynamic
+    batch must answer each row of a batch as that row's own)."""
+    cfg = ModelConfig(batch_size=2, max_batch_delay=200, handler=HandlerConfig(score_threshold=0.0))
+    mars = [
+        archive(exported, "fmt_script", "1.0", tmp_path, cfg),
+        archive(aoti_dir, "fmt_aoti", "1.0", tmp_path, cfg),
+    ]
+    with zipfile.ZipFile(mars[1]) as z:
         assert PACKAGE in z.namelist() and "model.pt" not in z.namelist()
         assert json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]["serializedFile"] == PACKAGE
         assert z.read(PACKAGE) == (aoti_dir / PACKAGE).read_bytes()
 
-    env, blocked_pids = training_stack_blocked(tmp_path)
-    local = Detector(aoti_dir / PACKAGE)
-    models = ["fmt_script=fmt_script.mar", "fmt_aoti=fmt_aoti.mar"]
-    with serving(tmp_path / "ts", store, models, extra_env=env) as srv:
-        client = Client(srv.inference_url, srv.management_url, srv.key_file)
+    local = Reference(Detector(aoti_dir / PACKAGE), batch_size=2)
+    with shared_server.lease("fmt_script", "fmt_aoti") as srv:
+        client = srv.client()
+        for mar in mars:
+            r = client.register(srv.add(mar), initial_workers=1)
+            assert r.status_code == 200, r.text
         compared = 0
-        for img in val_images[:6]:
-            a = client.predict("fmt_aoti", img, score_threshold=0.0)
-            s = client.predict("fmt_script", img, score_threshold=0.0)
+        sent = [(m, img) for img in val_images[:6] for m in ("fmt_aoti", "fmt_script")]
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda job: client.predict(job[0], job[1], score_threshold=0.0), sent))
+        for img, a, s in zip(val_images[:6], got[::2], got[1::2], strict=True):
             assert a.status_code == s.status_code == 200, (a.text, s.text)
             a, s = a.json(), s.json()
             assert a["image"] == s["image"] and a["model"]["name"] == "fmt_aoti"
@@ -269,22 +254,27 @@ def test_both_archives_serve_the_same_answers_without_the_training_stack(
             scores_a = [d["score"] for d in a["detections"]]
             scores_s = [d["score"] for d in s["detections"]]
             assert all(abs(p - q) <= 3e-5 for p, q in zip(scores_a, scores_s, strict=True))
-            # and the served package answers as the same package does in this process
-            mine = local.predict([img], score_threshold=0.0)[0]
-            assert near_tie_mismatches(a["detections"], mine["detections"]) <= 2
+            # and the served package answers exactly as the same package does in this process
+            local.check(a, img, score_threshold=0.0)
             compared += len(a["detections"])
         assert compared >= 6
+        log = (srv.server.workdir / "logs" / "model_log.log").read_text(errors="replace")
+        batches = sum(
+            1
+            for line in log.splitlines()
+            if "-fmt_aoti_1.0-stdout" in line and "Backend received inference" in line
+        )
+        assert batches < 6, f"{batches} batches for 6 requests: the package never served a batch of two"
         pids = {
             w["pid"] for m in ("fmt_script", "fmt_aoti") for e in client.describe(m) for w in e["workers"]
         }
-        log = (srv.workdir / "logs" / "model_log.log").read_text(errors="replace")
-        assert "is blocked in this worker" not in log  # nothing in the serving path wanted the training stack
         assert "`torch.jit.load` is deprecated" not in log  # the notice stays out of the server log
-    assert pids and pids <= blocked_pids(), "the block was not active in the serving workers"
+        assert pids and pids <= srv.blocked_pids(), "the block was not active in the serving workers"
+        assert not srv.blocked_imports(pids), "something in the serving path wanted the training stack"
 
 
 # -- the benchmark: both formats side by side ---------------------------------------------------------
-@pytest.mark.slow
+@pytest.mark.server
 def test_bench_runs_both_formats_side_by_side(trained_run, exported, aoti_dir, tmp_path):
     """``python -m scripts.bench --formats torchscript,aoti`` on a run holding both exports: the package
     beside the export is reused (compiled from the same checkpoint), both are timed alone and

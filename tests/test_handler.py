@@ -21,7 +21,7 @@ import logging
 import shutil
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http import HTTPStatus
 from pathlib import Path
 
@@ -31,10 +31,11 @@ import ts
 from PIL import Image
 from torchvision.ops import box_iou
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
+from ts.model_loader import TsModelLoader
 from ts.protocol.otf_message_handler import PREDICT_MSG, retrieve_msg
 from ts.service import Service
 
-from handler.detector import Detector
+from handler.detector import Detector, bucket_sizes
 from handler.effdet_handler import EffDetHandler
 from handler.request import REQUEST_ID_ECHO_HEADER, REQUEST_ID_HEADER, Params, valid_request_id
 from tests.helpers import close_detections, count_matched
@@ -138,14 +139,19 @@ class Answer:
 class Worker:
     """EffDetHandler loaded the way TorchServe's worker loads a class handler, plus a predict call."""
 
-    def __init__(self, model_dir: Path):
+    def __init__(self, model_dir: Path, envelope: str | None = None):
+        """``envelope``: a TorchServe request envelope by name (``kserve``), wrapped around the handler
+        the way a worker started with ``TS_SERVICE_ENVELOPE`` wraps it (``TsModelLoader.load``)."""
         self.metrics = MetricsCacheYamlImpl(str(Path(ts.__file__).parent / "configs" / "metrics.yaml"))
         self.metrics.initialize_cache()
         self.metrics.model_name = MODEL_NAME
         self.handler = EffDetHandler()
         self.returned = None
+        entry = self._entry
+        if envelope is not None:
+            entry = TsModelLoader()._load_default_envelope(envelope)(entry).handle
         self.service = Service(
-            MODEL_NAME, str(model_dir), MANIFEST, self._entry, None, 8, True, self.metrics
+            MODEL_NAME, str(model_dir), MANIFEST, entry, None, 8, True, self.metrics
         )  # model_name, model_dir, manifest, entry_point, gpu, batch_size, limit_max_image_pixels, metrics
         self.service.set_cl_socket(None)
         self.handler.initialize(self.context)
@@ -159,7 +165,9 @@ class Worker:
         self.returned = self.handler.handle(rows, context)
         return self.returned
 
-    def predict(self, requests: list[Req]) -> list[Answer]:
+    def predict(self, requests: list[Req], check_ids: bool = True) -> list[Answer]:
+        """Answers as the frontend would read them; ``check_ids``: each names its request (every
+        answer but a KServe one, whose rows are a request's instances)."""
         frame = PREDICT_MSG + b"".join(r.frame(f"req-{i}") for i, r in enumerate(requests))
         cmd, batch = retrieve_msg(Wire(frame + struct.pack("!i", -1)))
         assert cmd == PREDICT_MSG and len(batch) == len(requests)
@@ -172,6 +180,9 @@ class Worker:
             # the status on the wire is the one the handler set on the context for that request
             assert self.context.get_response_status(i)[0] == a["status"]
             body = json.loads(a["body"])
+            if not check_ids:
+                out.append(Answer(a["status"], body, self.returned[i], a["phrase"], a["headers"]))
+                continue
             # every answer names its request: the caller's X-Request-Id when safe, else TorchServe's id
             sent = next((v for k, v in requests[i].headers.items() if k.lower() == "x-request-id"), None)
             want_id = sent if sent is not None and valid_request_id(sent) else f"req-{i}"
@@ -204,7 +215,9 @@ def worker(model_dir) -> Worker:
 
 @pytest.fixture(scope="module")
 def detector(model_dir) -> Detector:
-    return Detector(model_dir / "model.pt")
+    """The handler's core in this process, padding batches to the same buckets as the Worker's
+    handler (batch_size 8): a batch here runs exactly as the same batch there."""
+    return Detector(model_dir / "model.pt", buckets=bucket_sizes(8))
 
 
 @pytest.fixture(scope="module")
@@ -578,7 +591,7 @@ def test_request_id_echoed_or_replaced(worker, images):
 def test_valid_edge_parameters(worker, detector, images):
     """The closed ends of the ranges are accepted: score 0 and 1, IoU 1, max_detections 1 and the cap."""
     good = images["val0"]
-    full = detector.predict([good], score_threshold=0.0)[0]["detections"]
+    full = detector.predict([good] * 5, score_threshold=0.0)[0]["detections"]  # the handler's batch below
     assert len(full) == 100, "the fixture model shows max_det_per_image detections at threshold 0"
     distinct = sorted({d["score"] for d in full}, reverse=True)  # the tiny model's scores tie often
     mid = distinct[len(distinct) // 2]
@@ -697,3 +710,58 @@ def test_reported_scores_never_below_threshold(detector):
     assert shown(0.500001) == []  # 0.5000014 passes the raw threshold but would be shown as 0.5
     assert shown(0.49999) == [0.5, 0.5, 0.49999]
     assert shown(0.0) == [0.5, 0.5, 0.49999]  # padding rows (score 0) are never answers
+
+
+# -- KServe v1 through TorchServe's kserve envelope -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def kserve(model_dir) -> Worker:
+    """The handler behind TorchServe's own ``kserve`` envelope, as deploy/kserve/ runs it."""
+    return Worker(model_dir, envelope="kserve")
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def test_kserve_instances_answered_in_order_with_errors_in_place(kserve, detector, images, card):
+    """A v1 body of three instances, the middle one not an image: one entry per instance in
+    ``predictions``, in order; the bad one its own ``{"error"}`` entry while the request stays 200;
+    each good one exactly Detector's answer for the same batch with its own parameters. Caught: an
+    error failing the whole request or shifting its neighbours' answers, one instance's parameters
+    applied to another, an instance dropped."""
+    good = [images["val0"], images["wide"]]
+    req = json_req({"instances": [{"image": b64(good[0]), "score_threshold": 0.3, "max_detections": 5},
+                                  {"image": b64(b"not an image")},
+                                  {"image": b64(good[1]), "iou_threshold": 0.3}]})  # fmt: skip
+    [a] = kserve.predict([req], check_ids=False)
+    assert a.status == 200 and set(a.body) == {"predictions"}
+    first, bad, third = a.body["predictions"]
+    assert set(bad) == {"error"} and bad["error"]["code"] == "not_an_image"
+    defaults = kserve.handler.detector.defaults
+    want = expected(
+        detector, good, [Params(0.3, defaults.iou_threshold, 5), replace(defaults, iou_threshold=0.3)]
+    )
+    assert [first, third] == want
+    assert len(first["detections"]) == 5 and all(d["score"] >= 0.3 for d in first["detections"])
+
+
+def test_kserve_lone_instance_gets_the_request_status(kserve, detector, images):
+    """One instance is one request: a bad one also sets the request's own 4xx (fixed ASCII phrase),
+    a good one gets the request id like any prediction. Caught: a lone bad instance answered 200."""
+    [bad] = kserve.predict(
+        [json_req({"instances": [{"image": b64(b"\xff\xd8 not a jpeg")}]})], check_ids=False
+    )
+    assert bad.status == 415 and bad.phrase == "Unsupported Media Type", (bad.status, bad.body)
+    assert [set(p) for p in bad.body["predictions"]] == [{"error"}]
+    rid = "kserve-1"
+    [ok] = kserve.predict(
+        [Req(json.dumps({"instances": [{"image": b64(images["val1"])}]}).encode(), "application/json",
+             headers={"X-Request-Id": rid})],
+        check_ids=False,
+    )  # fmt: skip
+    assert ok.status == 200 and ok.headers[REQUEST_ID_ECHO_HEADER] == rid
+    [answer] = ok.body["predictions"]
+    assert answer["request_id"] == rid
+    assert without_id(answer) == expected(detector, [images["val1"]], [kserve.handler.detector.defaults])[0]

@@ -35,12 +35,10 @@ from PIL import Image
 
 from handler.decode import FORMATS
 from scripts.serve import Server, allowed_urls
-from tests.helpers import serving
+from tests.helpers import serving, starts_torchserve
 from tests.test_reliability import MINIMAL_PDF, SVG, assert_answer, error_json, png_claiming
 from tests.test_serving import _encode as encode
 from tests.test_serving import batches_seen
-
-pytestmark = pytest.mark.slow
 
 MODEL = "tiny"
 ALL = {"score_threshold": "0"}  # every detection of the barely trained model
@@ -58,6 +56,7 @@ def store(model_store, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
+@starts_torchserve
 def server(store, tmp_path_factory):
     with serving(tmp_path_factory.mktemp("ts"), store, [f"{MODEL}={MODEL}.mar"]) as srv:
         yield srv

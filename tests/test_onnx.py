@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import onnx
@@ -26,44 +27,24 @@ from handler.detector import Detector
 from handler.network import load_network
 from handler.onnx_network import OnnxNetwork
 from scripts.archive import archive
-from scripts.client import Client
 from scripts.paths import ROOT
 from scripts.settings import ModelConfig
 from tests.helpers import (
+    Reference,
     TwoConvs,
     WithOpaqueOp,
     close_detections,
     count_matched,
     run_without_training_stack,
-    serving,
-    training_stack_blocked,
 )
 
 TOLERANCE = 1e-4  # the fp32 parity gate of every format
 
 
 @pytest.fixture(scope="module")
-def onnx_cli(trained_run, tmp_path_factory) -> tuple[Path, str]:
-    """``python -m export CKPT --format onnx`` on the tiny trained run: (export dir, CLI stdout)."""
-    out = tmp_path_factory.mktemp("onnx") / "export_onnx"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "export",
-            str(trained_run / "best.ckpt"),
-            "--format",
-            "onnx",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return out, proc.stdout
+def onnx_cli(onnx_run) -> tuple[Path, str]:
+    """``python -m export CKPT --format onnx`` on the shared trained run: (export dir, CLI stdout)."""
+    return onnx_run
 
 
 @pytest.fixture(scope="module")
@@ -205,53 +186,57 @@ def test_archive_refuses_fp16_workers(onnx_dir, tmp_path):
     assert not list(tmp_path.glob("*.mar"))
 
 
-def test_served_onnx_answers_as_in_process_and_as_torchscript(exported, onnx_dir, val_images, tmp_path):
-    """One TorchServe whose workers cannot import effdet/timm/Lightning/train/export serves both
-    formats; batches of 2 form under concurrency. Catches: an archive without the network file or
-    with the wrong serializedFile, a handler that cannot run ONNX, and answers that differ from the
-    same network in this process or from TorchScript beyond near-ties."""
-    store = tmp_path / "store"
+def test_served_onnx_answers_as_in_process_and_as_torchscript(
+    exported, onnx_dir, val_images, shared_server, tmp_path
+):
+    """The shared TorchServe (workers unable to import effdet/timm/Lightning/train/export) serves both
+    formats; 12 requests from 4 threads so that batches of two form. Catches: an archive without the
+    network file or with the wrong serializedFile, a handler that cannot run ONNX or batches it
+    wrongly, and answers that differ from the same network in this process (exactly, at the served
+    batch sizes) or from TorchScript beyond near-ties."""
     cfg = ModelConfig(batch_size=2, max_batch_delay=200, handler=HandlerConfig(score_threshold=0.0))
-    archive(exported, "fmt_ts", "1.0", store, cfg)
-    archive(onnx_dir, "fmt_onnx", "1.0", store, cfg)
-    with zipfile.ZipFile(store / "fmt_onnx.mar") as z:
+    mars = [
+        archive(exported, "onnx_ts", "1.0", tmp_path, cfg),
+        archive(onnx_dir, "onnx_onnx", "1.0", tmp_path, cfg),
+    ]
+    with zipfile.ZipFile(mars[1]) as z:
         assert FILE in z.namelist() and "model.pt" not in z.namelist()
         assert json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]["serializedFile"] == FILE
         assert z.read(FILE) == (onnx_dir / FILE).read_bytes()
-    env, blocked_pids = training_stack_blocked(tmp_path)
-    local = Detector(onnx_dir / FILE)
+    local = Reference(Detector(onnx_dir / FILE), batch_size=2)
     same = close_detections(3e-5, 0.05)
-    with serving(
-        tmp_path / "ts", store, ["fmt_ts=fmt_ts.mar", "fmt_onnx=fmt_onnx.mar"], extra_env=env
-    ) as srv:
-        client = Client(srv.inference_url, srv.management_url, srv.key_file)
-        from concurrent.futures import ThreadPoolExecutor
-
-        images = val_images[:6]
-        with ThreadPoolExecutor(2) as pool:  # two at a time: batches of 2 in the worker
-            onnx_answers = list(
-                pool.map(lambda b: client.predict("fmt_onnx", b, score_threshold=0.0), images)
-            )
+    with shared_server.lease("onnx_ts", "onnx_onnx") as srv:
+        client = srv.client()
+        for mar in mars:
+            r = client.register(srv.add(mar), initial_workers=1)
+            assert r.status_code == 200, r.text
+        sent = [(m, img) for img in val_images[:6] for m in ("onnx_onnx", "onnx_ts")]
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(lambda job: client.predict(job[0], job[1], score_threshold=0.0), sent))
         compared = 0
-        for img, a in zip(images, onnx_answers, strict=True):
-            s = client.predict("fmt_ts", img, score_threshold=0.0)
+        for img, a, s in zip(val_images[:6], got[::2], got[1::2], strict=True):
             assert a.status_code == s.status_code == 200, (a.text, s.text)
             a, s = a.json(), s.json()
-            assert a["image"] == s["image"] and a["model"]["name"] == "fmt_onnx"
-            mine = local.predict([img], score_threshold=0.0)[0]
-            assert len(a["detections"]) == len(mine["detections"]) == len(s["detections"]) > 0
-            assert count_matched(a["detections"], mine["detections"], same) >= len(a["detections"]) - 2
+            assert a["image"] == s["image"] and a["model"]["name"] == "onnx_onnx"
+            local.check(a, img, score_threshold=0.0)
+            assert len(a["detections"]) == len(s["detections"]) > 0
             assert count_matched(a["detections"], s["detections"], same) >= len(a["detections"]) - 2
             compared += len(a["detections"])
         assert compared >= 6
-        pids = {w["pid"] for m in ("fmt_ts", "fmt_onnx") for e in client.describe(m) for w in e["workers"]}
-        log = (srv.workdir / "logs" / "model_log.log").read_text(errors="replace")
-        assert "is blocked in this worker" not in log
-    assert pids and pids <= blocked_pids(), "the block was not active in the serving workers"
+        log = (srv.server.workdir / "logs" / "model_log.log").read_text(errors="replace")
+        batches = sum(
+            1
+            for line in log.splitlines()
+            if "-onnx_onnx_1.0-stdout" in line and "Backend received inference" in line
+        )
+        assert batches < 6, f"{batches} batches for 6 requests: ONNX never served a batch of two"
+        pids = {w["pid"] for m in ("onnx_ts", "onnx_onnx") for e in client.describe(m) for w in e["workers"]}
+        assert pids and pids <= srv.blocked_pids(), "the block was not active in the serving workers"
+        assert not srv.blocked_imports(pids), "something in the serving path wanted the training stack"
 
 
 # -- the benchmark: side by side ---------------------------------------------------------------------
-@pytest.mark.slow
+@pytest.mark.server
 def test_bench_runs_onnx_beside_torchscript(trained_run, exported, onnx_dir, tmp_path):
     """``python -m scripts.bench --formats onnx``: the file beside the export is reused (made from the
     same checkpoint), both formats are timed alone and served at one setting, every request answered."""

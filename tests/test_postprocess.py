@@ -391,3 +391,65 @@ def test_batch_32_at_a_served_threshold_equals_detbenchpredict(batch32, monkeypa
             assert (g[:, :4] - w[:, :4]).abs().max().item() <= BOX_ATOL
         compared += w.shape[0]
     assert compared > 32 * 10  # the comparison was not vacuous
+
+
+# -- exact ties: a trained detector's regime --------------------------------------------------------
+TIE_CASES = [(1, 300), (3, 300), (20, 400)]
+
+
+@pytest.fixture(scope="module", params=TIE_CASES, ids=[f"{c}cls-k{k}" for c, k in TIE_CASES])
+def tied(request):
+    """(cfg, head outputs of 8 images) whose class logits are rounded to steps of 0.25: long runs of
+    exactly equal scores, as a model with a prior-initialised head or saturated scores gives, with a
+    run across the top-k cut (``max_detection_points``) of every image and across the
+    ``max_det_per_image`` cut after NMS of some."""
+    num_classes, k = request.param
+    cfg = small_config(num_classes, (128, 128), max_detection_points=k)
+    model = build_model(cfg, seed=40 + num_classes)
+    x = torch.randn(MAX_BATCH, 3, 128, 128, generator=torch.Generator().manual_seed(41))
+    with torch.no_grad():
+        cls_out, box_out = model(x)
+    cls_out = [torch.round(c * 4) / 4 for c in cls_out]
+    flat = torch.cat([c.permute(0, 2, 3, 1).reshape(MAX_BATCH, -1) for c in cls_out], 1)
+    top = flat.sort(dim=1, descending=True).values
+    assert (top[:, k - 1] == top[:, k]).all(), "the top-k cut falls between two different scores"
+    return cfg, cls_out, box_out
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_exact_ties_at_the_cuts_equal_detbenchpredict(tied, batch):
+    """Which of several exactly tied candidates enter the top-k, survive NMS and make the
+    max_det_per_image cut is what effdet decides, row for row (the order within a run of equal
+    scores aside). Caught: a top-k or NMS that breaks ties otherwise (a flatten order, a sort, the
+    one-call NMS over every group) and so answers other boxes than effdet."""
+    cfg, cls_out, box_out = tied
+    cls_b, box_b = [c[:batch] for c in cls_out], [b[:batch] for b in box_out]
+    info = img_info(batch, cfg.image_size, seed=batch + 40)
+    want = effdet_predict(cfg, cls_b, box_b, info)
+    got = ours(cfg, cls_b, box_b, info)
+    assert_same(got, want)
+    scores = want[..., 4]
+    assert ((scores[:, 1:] == scores[:, :-1]) & (scores[:, 1:] > 0)).any(), "no tied rows in the answers"
+    assert ((scores > 0).sum(1) == cfg.max_det_per_image).any(), "no answer reached max_det_per_image"
+
+
+def test_exact_ties_at_a_served_threshold_equal_detbenchpredict(tied):
+    """The handler's path (a score floor before NMS) on tied scores: every row at or above the floor
+    is effdet's, the floor itself on a tied score."""
+    cfg, cls_out, box_out = tied
+    info = img_info(MAX_BATCH, cfg.image_size, seed=44)
+    want = effdet_predict(cfg, cls_out, box_out, info)
+    levels = want[..., 4][want[..., 4] > 0].unique()
+    threshold = float(levels[len(levels) // 2])  # a score many rows share
+    got = ours(cfg, cls_out, box_out, info, min_score=threshold)
+    compared = 0
+    for i in range(MAX_BATCH):
+        w = want[i][want[i, :, 4] >= threshold]
+        g = got[i][got[i, :, 4] > 0]
+        assert g.shape[0] == w.shape[0], f"image {i}"
+        g, w = untie(g), untie(w)
+        torch.testing.assert_close(g[:, 4:], w[:, 4:], atol=0, rtol=0)
+        if w.shape[0]:
+            assert (g[:, :4] - w[:, :4]).abs().max().item() <= BOX_ATOL
+        compared += w.shape[0]
+    assert compared > MAX_BATCH

@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -59,7 +60,7 @@ def test_class_head_has_prior_bias_init():
 
 
 def test_negative_images_train_through_effdet_labeler(synthetic_dir):
-    cfg = build_config("small", num_classes=3)
+    cfg = build_config("small", num_classes=3, image_size=128)
     bench = DetBenchTrain(create_effdet(cfg)).train()
     val = check_records(load_coco(synthetic_dir / "val.json"))
     from handler.geometry import Geometry
@@ -83,7 +84,7 @@ def test_warmup_cosine_schedule():
 def test_loss_goes_down_on_synthetic_batch(synthetic_dir):
     torch.manual_seed(0)
     train = check_records(load_coco(synthetic_dir / "train.json"))
-    cfg = build_config("small", num_classes=3)
+    cfg = build_config("small", num_classes=3, image_size=128)
     module = EffDetModule(cfg, train.classes)
     from handler.geometry import Geometry
 
@@ -104,7 +105,7 @@ def test_loss_goes_down_on_synthetic_batch(synthetic_dir):
 def test_checkpoint_reloads_to_identical_outputs(synthetic_dir, tmp_path):
     train = check_records(load_coco(synthetic_dir / "train.json"))
     val = check_records(load_coco(synthetic_dir / "val.json"))
-    cfg = build_config("small", num_classes=3)
+    cfg = build_config("small", num_classes=3, image_size=128)
     module = EffDetModule(cfg, train.classes, ema_decay=0.9)
     dm = DetectionDataModule(train.records[:8], val.records[:4], module_geometry(cfg), batch_size=4)
     trainer = pl.Trainer(
@@ -143,6 +144,7 @@ def test_cli_run_writes_checkpoints_and_model_card(trained_run):
     assert card["preprocessing"]["size"] == card["effdet_config"]["image_size"]
     assert set(card["metrics"]) >= {"val_map", "val_map50"} and card["metrics"]["val_images"] == 8
     assert card["provenance"]["steps"] == 3 and card["provenance"]["torch"] == torch.__version__
+    assert card["preprocessing"]["size"] == [128, 128]
 
 
 def test_cli_refuses_bad_annotations_before_training(tmp_path, capsys):
@@ -181,12 +183,14 @@ def test_backbone_weights_from_a_local_timm_state_dict(tmp_path):
         create_effdet(build_config("small", num_classes=1), backbone_weights=tmp_path / "bad.pth")
 
 
+@pytest.mark.train
+@pytest.mark.timeout(600)
 def test_ddp_on_cpu_reports_one_map_over_all_val_images(synthetic_dir, tmp_path):
     out = tmp_path / "ddp"
     cmd = [
         sys.executable, "-m", "train", "--data", str(synthetic_dir), "--format", "synthetic",
         "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--epochs", "1",
-        "--batch-size", "4", "--out", str(out),
+        "--batch-size", "4", "--image-size", "128", "--out", str(out),
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -200,43 +204,51 @@ def test_ddp_on_cpu_reports_one_map_over_all_val_images(synthetic_dir, tmp_path)
     assert all(float(r["val/images"]) == 8 for r in rows)
 
 
+@pytest.mark.train
+@pytest.mark.timeout(900)
 def test_interrupted_training_resumes_from_last_ckpt_to_the_same_result(synthetic_dir, tmp_path):
-    """A run killed (SIGKILL) after its first epoch, resumed with --resume last, ends where an
-    uninterrupted run ends: same weights, bit for bit."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    """A run killed (SIGKILL) in the middle of its second epoch, resumed with ``--resume last``, ends
+    where an uninterrupted run ends: same weights, bit for bit.
+
+    Training is seeded, so a resume that silently started again would end with the same weights
+    too: the resumed process must say it restored last.ckpt and run only the second epoch. A
+    resume that restored the weights but not the optimizer, schedule or data order ends elsewhere;
+    so does a last.ckpt written mid-epoch (the kill lands after a step of the second epoch).
+    """
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     args = [sys.executable, "-m", "train", "--data", str(synthetic_dir), "--format", "synthetic",
-            "--batch-size", "8", "--warmup-steps", "2", "--epochs", "2"]  # fmt: skip
-    subprocess.run(
-        [*args, "--out", str(tmp_path / "straight")], cwd=ROOT, env=env, check=True, capture_output=True
-    )
+            "--batch-size", "8", "--warmup-steps", "2", "--epochs", "2", "--image-size", "128"]  # fmt: skip
+    straight = subprocess.run([*args, "--out", str(tmp_path / "straight")], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert straight.returncode == 0, straight.stderr[-3000:]
 
-    crashed = subprocess.Popen(
-        [*args, "--out", str(tmp_path / "split")],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    # the progress bar (stdout) shows each step as it ends: kill after the first step of epoch 1
+    crashed = subprocess.Popen([*args, "--out", str(tmp_path / "split")], cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    seen = b""
+    try:
+        deadline = time.monotonic() + 600
+        while not re.search(rb"Epoch 1:[^\r\n|]*\|[^|]*\| [12]/3", seen) and time.monotonic() < deadline:
+            chunk = crashed.stdout.read1(4096)
+            if not chunk:
+                break
+            seen += chunk
+        crashed.kill()
+    finally:
+        crashed.kill()
+        crashed.wait(timeout=60)
+    assert re.search(rb"Epoch 1:[^\r\n|]*\|[^|]*\| [12]/3", seen), seen[-2000:].decode(errors="replace")
     last = tmp_path / "split" / "last.ckpt"
-    deadline = time.monotonic() + 600
-    while not last.exists() and crashed.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    size = -1
-    while last.stat().st_size != size:  # let the epoch-end checkpoint finish writing
-        size = last.stat().st_size
-        time.sleep(0.2)
-    crashed.kill()
-    crashed.wait()
-    assert torch.load(last, weights_only=False)["global_step"] == 3  # one epoch of 3 steps was kept
+    assert (
+        torch.load(last, weights_only=False)["global_step"] == 3
+    )  # the first epoch's end, not a step of the second
 
-    proc = subprocess.run(
-        [*args, "--out", str(tmp_path / "split"), "--resume", "last"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    proc = subprocess.run([*args, "--out", str(tmp_path / "split"), "--resume", "last"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+    said = proc.stdout + proc.stderr
+    assert f"Restored all states from the checkpoint at {last}" in said, said[-3000:]
+    assert "Epoch 1:" in said and "Epoch 0:" not in said, said[-3000:]  # only the second epoch ran
     a = torch.load(tmp_path / "straight" / "last.ckpt", weights_only=False)
     b = torch.load(last, weights_only=False)
     assert a["global_step"] == 6 and b["global_step"] == 6
