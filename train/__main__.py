@@ -116,7 +116,15 @@ def build_trainer(a: argparse.Namespace, out: Path) -> tuple[pl.Trainer, ModelCh
     )
     # Lightning 2.6 writes save_last only when a top-k checkpoint was written in the same step,
     # so an interrupted run could resume from a stale file: keep last.ckpt with its own callback.
-    last = ModelCheckpoint(dirpath=out, filename="last", every_n_epochs=1, enable_version_counter=False)
+    # With --val-every N > 1 Lightning would write it only after a validation, N epochs apart:
+    # then it is written at the end of every training epoch instead.
+    last = ModelCheckpoint(
+        dirpath=out,
+        filename="last",
+        every_n_epochs=1,
+        enable_version_counter=False,
+        save_on_train_epoch_end=True if a.val_every > 1 else None,
+    )
     trainer = pl.Trainer(
         default_root_dir=out,
         max_epochs=a.epochs,
