@@ -5,6 +5,7 @@
 #   source .gpukit/install-kit.sh && bash scripts/gpu_check.sh served   # call 2 (<= 7 min): served + null handler
 #   source .gpukit/install-kit.sh && bash scripts/gpu_check.sh d0       # call 3, only if device time is left
 #   source .gpukit/install-kit.sh && bash scripts/gpu_check.sh aoti     # TorchScript vs AOTInductor (CUDA, fp16)
+#   source .gpukit/install-kit.sh && bash scripts/gpu_check.sh photos   # photo sizes: nvjpeg vs PIL reduced, served
 #
 # (device tool: `run` with carry [".gpukit"], timeout_s 590; see docs/benchmarks.md "GPU".)
 # "served" reuses the seed model trained by "seed" when the machine is still warm (it is kept in
@@ -84,8 +85,21 @@ aoti)
     --requests 256 --served-repeats 1 --out "$WORK/d0"
   keep "$WORK/d0" h100-d0-fp16-formats
   ;;
+photos)
+  # photos at camera sizes (640x480, 1080p, 12 MP) on the seed model: the CUDA tests of the photo path, then
+  # the handler per size with nvjpeg (whole JPEG decoded on the device, resized there) and with --decode cpu
+  # (PIL's DCT-reduced decode on the host, a small upload), then served per size and a worker's memory
+  step cuda-photo-tests 120 "$PY" -m pytest -q -p no:cacheprovider --basetemp=/tmp/pt-gpu tests/test_photos.py -k cuda
+  PHOTOS=(--model seed --train-steps 250 --train-batch-size 8 --train-precision 16-mixed --precision fp16
+    --channels-last --batches 1,8 --repeats 5 --images 16 --image-sizes 640x480,1920x1080,4032x3024)
+  step seed-photos 330 "${BENCH[@]}" "${PHOTOS[@]}" --stages photos,photos_served --photo-config 32:10:1 \
+    --photo-concurrency 64 --requests 256 --served-repeats 1 --out "$WORK/seed"
+  keep "$WORK/seed" h100-seed-fp16-photos-nvjpeg
+  step seed-photos-pil 120 "${BENCH[@]}" "${PHOTOS[@]}" --stages photos --decode cpu --out "$WORK/seed"
+  keep "$WORK/seed" h100-seed-fp16-photos-pil
+  ;;
 *)
-  echo "unknown phase $PHASE (seed, served, d0 or aoti)" >&2
+  echo "unknown phase $PHASE (seed, served, d0, aoti or photos)" >&2
   exit 2
   ;;
 esac
