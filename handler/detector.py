@@ -17,7 +17,7 @@ from PIL import Image
 
 from handler.answer import Answer, Detection
 from handler.card import ModelCard
-from handler.decode import DEFAULT_MAX_PIXELS, RequestError, decode_image, decode_images, pil_to_tensor
+from handler.decode import DEFAULT_MAX_PIXELS, Decoded, RequestError, decode_image, decode_images, from_pil
 from handler.geometry import letterbox_batch
 from handler.network import load_network, network_format
 from handler.postprocess import AnchorConfig, detect, generate_anchors
@@ -40,6 +40,11 @@ def bucket_sizes(max_batch: int) -> tuple[int, ...]:
         sizes.update(x for x in (p, p + p // 2) if x < max_batch)
         p *= 2
     return tuple(sorted(sizes))
+
+
+def as_decoded(image: Decoded | torch.Tensor) -> Decoded:
+    """A ``Decoded`` as it is; a uint8 tensor as the whole image."""
+    return image if isinstance(image, Decoded) else Decoded.full(image)
 
 
 class Detector:
@@ -92,27 +97,32 @@ class Detector:
             self.model = self.model.to(memory_format=torch.channels_last)
 
     # -- the four steps, each usable on its own -------------------------------------------------
-    def decode(self, data: bytes) -> torch.Tensor:
-        """Image bytes -> uint8 RGB [3, H, W] on the detector's device (raises ``RequestError``)."""
-        return decode_image(data, self.device, self.max_pixels)
+    def decode(self, data: bytes) -> Decoded:
+        """Image bytes -> ``Decoded`` on the detector's device, its pixels reduced to what the
+        network's input size needs (raises ``RequestError``)."""
+        return decode_image(data, self.device, self.max_pixels, self.geometry.size)
 
-    def decode_batch(self, datas: Sequence[bytes]) -> list[torch.Tensor | RequestError]:
-        """``decode`` for a batch (nvjpeg decodes the JPEGs in one call): a tensor or the error per item."""
-        return decode_images(datas, self.device, self.max_pixels)
+    def decode_batch(self, datas: Sequence[bytes]) -> list[Decoded | RequestError]:
+        """``decode`` for a batch (nvjpeg decodes the JPEGs in one call): a ``Decoded`` or the error per item."""
+        return decode_images(datas, self.device, self.max_pixels, self.geometry.size)
 
     def bucket(self, n: int) -> int:
         """The batch size a batch of ``n`` images runs as: the smallest bucket >= n, else n."""
         return next((b for b in self.buckets if b >= n), n)
 
-    def preprocess(self, images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def preprocess(
+        self, images: Sequence[Decoded | torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Images of any sizes -> (batch [R,3,H,W], img_scale [B], img_size [B,2] as (w, h)).
 
-        R is ``bucket(B)``: rows past B are padding, which ``detect_tensors`` cuts off the heads.
-        The batch is letterboxed on the images' device in the network's dtype and memory format.
+        A tensor is a whole image; a ``Decoded`` may be a reduced rendition, and its size as sent
+        is the image's. R is ``bucket(B)``: rows past B are padding, which ``detect_tensors`` cuts
+        off the heads. The batch is letterboxed on the images' device in the network's dtype and
+        memory format.
         """
-        images = [img.to(self.device) for img in images]
+        images = [as_decoded(img).to(self.device) for img in images]
         # The small per-image tensors go to the device before any of this batch's kernels are queued.
-        sizes = [(img.shape[-1], img.shape[-2]) for img in images]
+        sizes = [img.size for img in images]
         img_size = torch.tensor(sizes, dtype=torch.float32).to(self.device, non_blocking=True)
         batch, scales = letterbox_batch(
             images, self.geometry, self.bucket(len(images)), self.dtype, self.channels_last
@@ -186,9 +196,9 @@ class Detector:
 
     # -- conveniences --------------------------------------------------------------------------
     def detect_tensors(
-        self, images: Sequence[torch.Tensor], iou_threshold=None, score_threshold=None
+        self, images: Sequence[Decoded | torch.Tensor], iou_threshold=None, score_threshold=None
     ) -> torch.Tensor:
-        """uint8 images -> padded detections [B, max_det_per_image, 6]."""
+        """Decoded (or uint8 tensor) images -> padded detections [B, max_det_per_image, 6]."""
         batch, img_scale, img_size = self.preprocess(images)
         cls_out, box_out = self.forward(batch)
         n = len(images)
@@ -245,22 +255,22 @@ class Detector:
         iou_threshold: float | None = None,
         max_detections: int | None = None,
     ) -> list[dict]:
-        """Bytes, PIL images or uint8 tensors -> one response dict per image."""
+        """Bytes, PIL images, ``Decoded`` or uint8 tensors -> one response dict per image."""
         params = Params(
             score_threshold=self.defaults.score_threshold if score_threshold is None else score_threshold,
             iou_threshold=self.defaults.iou_threshold if iou_threshold is None else iou_threshold,
             max_detections=self.defaults.max_detections if max_detections is None else max_detections,
         )
-        tensors = [self._as_tensor(img) for img in images]
-        dets = self.detect_tensors(tensors, params.iou_threshold, params.score_threshold).cpu()
-        return self.to_responses(dets, [(t.shape[-1], t.shape[-2]) for t in tensors], [params] * len(tensors))
+        decoded = [self._as_decoded(img) for img in images]
+        dets = self.detect_tensors(decoded, params.iou_threshold, params.score_threshold).cpu()
+        return self.to_responses(dets, [d.size for d in decoded], [params] * len(decoded))
 
-    def _as_tensor(self, img) -> torch.Tensor:
+    def _as_decoded(self, img) -> Decoded:
         if isinstance(img, bytes | bytearray):
             return self.decode(bytes(img))
         if isinstance(img, Image.Image):
-            return pil_to_tensor(img).to(self.device)
-        return img.to(self.device)
+            return from_pil(img, fit=self.geometry.size).to(self.device)  # shown as it is
+        return as_decoded(img).to(self.device)
 
     def warm_up(self, batch_sizes: Sequence[int] | None = None, passes: int | None = None) -> None:
         """Run every batch size the network will see (default: each bucket, else 1) ``passes`` times

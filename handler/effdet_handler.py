@@ -69,7 +69,7 @@ class EffDetHandler(BaseHandler):
         logger.info("effdet handler ready on %s (%s), classes=%s", self.device, precision, list(card.classes))
 
     def preprocess(self, data: list[dict]) -> list:
-        """Each row -> (uint8 image, Params), the public card for a describe row, or the
+        """Each row -> (Decoded image, Params), the public card for a describe row, or the
         RequestError that row earned.
 
         The images of the batch are decoded together (on CUDA, nvjpeg takes the JPEGs in one call)."""
@@ -106,7 +106,7 @@ class EffDetHandler(BaseHandler):
         good = [it for it in items if isinstance(it, tuple)]
         responses = (
             self.detector.answers(
-                detections, [(img.shape[-1], img.shape[-2]) for img, _ in good], [p for _, p in good]
+                detections, [img.size for img, _ in good], [p for _, p in good]
             )
             if good
             else []

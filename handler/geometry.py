@@ -6,15 +6,25 @@ normalisation, i.e. the mean colour, as effdet's own ``ResizePad`` does). Boxes 
 the network input are mapped back to the image by multiplying with ``img_scale``. Training
 (validation transform), the handler and the tests import these functions from here, so the
 two sides cannot drift apart.
+
+The resize works in uint8 (torchvision's antialiased bilinear resize; on the CPU its native uint8
+kernel) and only the network-sized result becomes float and is normalised: no float copy of a
+full-size image exists. An image may come as a ``handler.decode.Decoded``, pixels that are a
+reduced rendition of a larger image: the letterbox size and ``img_scale`` then come from the size
+of the image as sent, and its pixels are resized straight to that letterbox size.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torchvision.transforms.v2 import functional as F
+
+if TYPE_CHECKING:  # decode imports this module; it needs only the type from there
+    from handler.decode import Decoded
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -48,18 +58,62 @@ def letterbox_size(height: int, width: int, size: tuple[int, int]) -> tuple[int,
     return new_h, new_w, scale
 
 
-def letterbox(image: torch.Tensor, geometry: Geometry) -> tuple[torch.Tensor, float]:
+def fit_pixels(image: torch.Tensor | Decoded, size: tuple[int, int]) -> tuple[torch.Tensor, float]:
+    """An image -> (its letterbox-sized uint8 [3, h, w] pixels inside ``size``, the letterbox scale).
+
+    A plain tensor is the image as sent; a ``Decoded`` brings the size as sent (and, for a reduced
+    decode with a partial last pixel, the box the image covers) with its pixels.
+    """
+    pixels = image if isinstance(image, torch.Tensor) else image.pixels
+    if pixels.dtype != torch.uint8 or pixels.ndim != 3 or pixels.shape[0] != 3:
+        raise ValueError(f"expected a uint8 [3, H, W] tensor, got {pixels.dtype} {list(pixels.shape)}")
+    if isinstance(image, torch.Tensor):
+        (height, width), box = pixels.shape[-2:], None
+    else:
+        height, width, box = image.height, image.width, image.box
+    new_h, new_w, scale = letterbox_size(height, width, size)
+    if box is None:
+        # uint8 in, uint8 out (rounded): on the CPU torchvision's native uint8 kernel, on CUDA its
+        # float kernel on the device, rounded back.
+        pixels = F.resize(pixels, [new_h, new_w], interpolation=F.InterpolationMode.BILINEAR, antialias=True)
+    else:
+        pixels = resize_box(pixels, box, new_h, new_w)
+    return pixels, scale
+
+
+def resize_box(
+    pixels: torch.Tensor, box: tuple[float, float, float, float], height: int, width: int
+) -> torch.Tensor:
+    """The part ``box`` (x0, y0, x1, y1; fractional pixels, touching the grid's edges on at least one
+    side per axis) of uint8 ``pixels`` resized to exactly (height, width), antialiased bilinear as
+    ``F.resize``: the box's own scale maps coordinates (no stretch from the partial pixels), and
+    what lies outside the box is cut off."""
+    x0, y0, x1, y1 = box
+    flips = [dim for dim, start in ((-1, x0), (-2, y0)) if start > 0]  # the box starts at 0 once flipped
+    x = pixels.unsqueeze(0)
+    x = x.flip(flips) if flips else x
+    cast = x.device.type != "cpu"  # torch's antialiased kernels take uint8 on the CPU only
+    out = torch.nn.functional.interpolate(
+        x.float() if cast else x,
+        scale_factor=(height / (y1 - y0), width / (x1 - x0)),
+        mode="bilinear",
+        align_corners=False,
+        antialias=True,
+        recompute_scale_factor=False,
+    )
+    out = (out.round_().to(torch.uint8) if cast else out)[0, :, :height, :width]
+    return out.flip(flips) if flips else out
+
+
+def letterbox(image: torch.Tensor | Decoded, geometry: Geometry) -> tuple[torch.Tensor, float]:
     """uint8 CHW RGB image -> (normalised float32 CHW of ``geometry.size``, img_scale).
 
     ``img_scale`` maps network-input pixels back to image pixels (effdet's convention).
-    Works on any device; the resize is bilinear with antialiasing.
+    Works on any device; the resize is bilinear with antialiasing, in uint8.
     """
-    if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
-        raise ValueError(f"expected a uint8 [3, H, W] tensor, got {image.dtype} {list(image.shape)}")
-    height, width = image.shape[-2:]
-    new_h, new_w, scale = letterbox_size(height, width, geometry.size)
-    x = image.to(torch.float32).div_(255.0)
-    x = F.resize(x, [new_h, new_w], interpolation=F.InterpolationMode.BILINEAR, antialias=True)
+    pixels, scale = fit_pixels(image, geometry.size)
+    new_h, new_w = pixels.shape[-2:]
+    x = pixels.to(torch.float32).div_(255.0)
     x = F.normalize(x, mean=list(geometry.mean), std=list(geometry.std))
     pad_bottom, pad_right = geometry.size[0] - new_h, geometry.size[1] - new_w
     x = torch.nn.functional.pad(x, (0, pad_right, 0, pad_bottom), value=0.0)
@@ -67,7 +121,7 @@ def letterbox(image: torch.Tensor, geometry: Geometry) -> tuple[torch.Tensor, fl
 
 
 def letterbox_batch(
-    images: Sequence[torch.Tensor],
+    images: Sequence[torch.Tensor | Decoded],
     geometry: Geometry,
     rows: int | None = None,
     dtype: torch.dtype = torch.float32,
@@ -93,13 +147,9 @@ def letterbox_batch(
     batch.copy_(mean.expand_as(batch))
     scales = []
     for i, image in enumerate(images):
-        if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
-            raise ValueError(f"expected a uint8 [3, H, W] tensor, got {image.dtype} {list(image.shape)}")
-        new_h, new_w, scale = letterbox_size(image.shape[-2], image.shape[-1], geometry.size)
-        x = image.to(torch.float32).div_(255.0)
-        batch[i, :, :new_h, :new_w] = F.resize(
-            x, [new_h, new_w], interpolation=F.InterpolationMode.BILINEAR, antialias=True
-        )
+        pixels, scale = fit_pixels(image, geometry.size)
+        new_h, new_w = pixels.shape[-2:]
+        batch[i, :, :new_h, :new_w] = pixels.to(torch.float32).div_(255.0)
         scales.append(1.0 / scale)
     batch.sub_(mean).div_(std)
     return batch.to(dtype=dtype, memory_format=fmt), scales

@@ -7,6 +7,7 @@
 #   bash scripts/gpu_check.sh served    # <= 7 min: served (batchSize 32, 1 and 2 workers) + null handler
 #   bash scripts/gpu_check.sh d0        # <= 8 min: efficientdet_d0, every stage
 #   bash scripts/gpu_check.sh formats   # <= 9 min: d0 in TorchScript, AOTInductor (CUDA fp16) and ONNX Runtime
+#   bash scripts/gpu_check.sh photos    # <= 8 min: photo sizes (640x480, 1080p, 12 MP): nvjpeg vs PIL reduced, served
 #
 # "served" reuses the seed model trained by "seed" (kept in $WORK) and trains it again otherwise.
 # Every step runs under `timeout` and leaves its log and JSON under $OUT (default ./gpu-out) even
@@ -88,8 +89,21 @@ formats)
     --requests 256 --served-repeats 1 --out "$WORK/d0"
   keep "$WORK/d0" $GPU-d0-fp16-formats
   ;;
+photos)
+  # photos at camera sizes (640x480, 1080p, 12 MP) on the seed model: the CUDA tests of the photo path, then
+  # the handler per size with nvjpeg (whole JPEG decoded on the device, resized there) and with --decode cpu
+  # (PIL's DCT-reduced decode on the host, a small upload), then served per size and a worker's memory
+  step cuda-photo-tests 120 "$PY" -m pytest -q -p no:cacheprovider --basetemp=/tmp/pt-gpu tests/test_photos.py -k cuda
+  PHOTOS=(--model seed --train-steps 250 --train-batch-size 8 --train-precision 16-mixed --precision fp16
+    --channels-last --batches 1,8 --repeats 5 --images 16 --image-sizes 640x480,1920x1080,4032x3024)
+  step seed-photos 330 "${BENCH[@]}" "${PHOTOS[@]}" --stages photos,photos_served --photo-config 32:10:1 \
+    --photo-concurrency 64 --requests 256 --served-repeats 1 --out "$WORK/seed"
+  keep "$WORK/seed" $GPU-seed-fp16-photos-nvjpeg
+  step seed-photos-pil 120 "${BENCH[@]}" "${PHOTOS[@]}" --stages photos --decode cpu --out "$WORK/seed"
+  keep "$WORK/seed" $GPU-seed-fp16-photos-pil
+  ;;
 *)
-  echo "unknown phase $PHASE (seed, served, d0 or formats)" >&2
+  echo "unknown phase $PHASE (seed, served, d0, formats or photos)" >&2
   exit 2
   ;;
 esac

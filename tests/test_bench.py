@@ -539,3 +539,114 @@ def test_a_failed_stage_fails_the_run_but_keeps_the_other_figures(tiny_export, t
     written = json.loads((tmp_path / "latest.json").read_text())
     assert written["failures"] == {"post": "post-processing parity compared no rows (test)"}
     assert "post" not in written and [r["batch"] for r in written["model"]] == [1]
+
+
+# -- the photos and accuracy stages -------------------------------------------------------------------
+
+
+def test_image_sizes_argument():
+    from scripts.bench.photos import DEFAULT_SIZES, parse_sizes
+
+    assert parse_sizes("640x480, 4032X3024") == ((640, 480), (4032, 3024))
+    assert bench.parse_args([]).image_sizes == DEFAULT_SIZES
+    assert bench.parse_args(["--image-sizes", "320x240"]).image_sizes == ((320, 240),)
+    for bad in ("640", "640x", "0x10", "axb", ""):
+        with pytest.raises(ValueError):
+            parse_sizes(bad)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--image-sizes", "640by480"])
+
+
+def test_photos_stage_times_the_handler_and_its_steps_per_size(workload):
+    """Photos of each size through the real handler; each step's share; the first size is 1x."""
+    from scripts.bench.photos import STEPS, bench_photos, make_photos
+
+    sizes = ((160, 120), (401, 299))
+    photos = {s: make_photos(2, s, seed=2) for s in sizes}
+    for s, datas in photos.items():
+        assert all(Image.open(io.BytesIO(d)).size == s for d in datas) and len(set(datas)) == 2
+    rows = bench_photos(workload, photos, (1, 2), 2, 0, bench.Progress(enabled=False), threads=1)
+    assert [(tuple(r["size"]), r["batch"]) for r in rows] == [(s, b) for b in (1, 2) for s in sizes]
+    for r in rows:
+        assert len(r["seconds"]) == 2 and _finite_positive(r["images_per_s"])
+        assert set(r["steps_ms"]) == set(STEPS) and all(v > 0 for v in r["steps_ms"].values())
+        assert sum(r["shares"].values()) == pytest.approx(1.0)
+        assert r["decode_letterbox_share"] == pytest.approx(r["shares"]["decode"] + r["shares"]["letterbox"])
+    assert rows[0]["over_first"] == 1.0 and rows[2]["over_first"] == 1.0
+
+
+def test_accuracy_stage_scores_photos_against_originals(workload, tmp_path):
+    """Held-out scenes upscaled with their boxes: three mAPs, and the photo's detections matched
+    against its full decode's (the same image through the same network: all of them here)."""
+    from scripts.bench.photos import bench_accuracy, heldout
+
+    val = heldout(None, tmp_path, seed=0)
+    assert heldout(None, tmp_path, seed=0) == val  # written once
+    records = json.loads(val.read_text())
+    assert len(records["images"]) == 60
+    small = tmp_path / "small"
+    small.mkdir()
+    records["images"] = records["images"][:3]
+    records["annotations"] = [a for a in records["annotations"] if a["image_id"] <= 3]
+    (small / "val.json").write_text(json.dumps(records))
+    (small / "images").symlink_to(val.parent / "images")
+    acc = bench_accuracy(workload, small / "val.json", bench.Progress(enabled=False), longer=1200)
+    assert acc["images"] == 3 and acc["photo_longer_side"] == 1200
+    assert set(acc["map50"]) == {"original", "photo", "full_decode"}
+    assert all(0.0 <= v <= 1.0 for v in [*acc["map50"].values(), *acc["map"].values()])
+    assert acc["delta_map50"] == pytest.approx(acc["map50"]["photo"] - acc["map50"]["original"])
+    assert acc["decoded_pixels_share"] < 0.5  # 1200 px photos into 128x128: decoded at 1/2 or less
+    assert acc["full_decode_detections"] > 0 and acc["matched"] <= acc["full_decode_detections"]
+
+
+def test_photo_targets_and_report():
+    results = _fake_results()
+    row = {"batch": 1, "median_s": 0.1, "megapixels": 0.3, "jpeg_kb": 60.0, "images_per_s": 10.0,
+           "ms_per_image": 100.0, "over_first": 1.0, "decode_letterbox_share": 0.1,
+           "shares": {"decode": 0.05, "letterbox": 0.05, "network": 0.8, "post": 0.05, "answer": 0.05}}  # fmt: skip
+    results["photos"] = {
+        "handler": [{**row, "size": [640, 480]}, {**row, "size": [4032, 3024], "median_s": 0.13,
+                    "over_first": 1.3, "decode_letterbox_share": 0.35}],  # fmt: skip
+        "served": {"batch_size": 4, "max_batch_delay": 10, "workers": 2, "concurrency": 8, "points": [
+            {"size": [640, 480], "throughput": 40.0, "over_first": 1.0, "p50_ms": 1.0, "p99_ms": 2.0, "failed": 0,
+             "requests": 8},
+            {"size": [4032, 3024], "throughput": 20.0, "over_first": 0.5, "p50_ms": 1.0, "p99_ms": 2.0, "failed": 0,
+             "requests": 8}],
+            "memory": {"jpeg_40mp": {"bytes": 8e6, "peak_rise_mib": 20.0, "rss_before_mib": 900.0},
+                       "png_40mp": {"bytes": 12e6, "peak_rise_mib": 400.0, "rss_before_mib": 900.0}}},
+    }  # fmt: skip
+    results["accuracy"] = {"images": 60, "photo_longer_side": 4032, "decoded_pixels_share": 0.06,
+                           "map50": {"original": 0.99, "photo": 0.985, "full_decode": 0.986},
+                           "map": {"original": 0.75, "photo": 0.74, "full_decode": 0.745}, "delta_map50": -0.005,
+                           "min_score": 0.3, "min_iou": 0.9, "full_decode_detections": 100, "matched": 98,
+                           "agreement": 0.98}  # fmt: skip
+    targets = bench.ratios(results)["targets"]
+
+    def met(part: str) -> bool:
+        [t] = [t for t in targets if part in t["target"]]
+        return t["met"]
+
+    assert met("a 4032x3024 JPEG") is True  # 1.3x
+    assert met("decode + letterbox") is False  # 35 %
+    assert met("served img/s for 12 MP photos") is False  # 0.5x
+    assert met("one jpeg 40mp") is True and met("one png 40mp") is False
+    assert met("mAP@.5 of held-out scenes") is True
+    assert met("full decode's detections") is False  # 98 %
+    text = bench.report(results)
+    assert "7. photos: the handler in-process" in text and "8. accuracy at phone size" in text
+    assert "png_40mp (12.0 MB) +400 MiB" in text
+
+
+@pytest.mark.soak
+def test_photos_served_per_size_on_a_real_torchserve(workload, tmp_path):
+    from scripts.bench.photos import bench_served_photos, make_photos
+
+    photos = {s: make_photos(2, s, seed=1) for s in ((160, 120), (640, 480))}
+    out = bench_served_photos(workload, "tinyphotos", (2, 5, 1), photos, 2, 4, 1, 1, tmp_path / "s",
+                              bench.Progress(enabled=False), memory=True)  # fmt: skip
+    assert [p["size"] for p in out["points"]] == [[160, 120], [640, 480]]
+    for p in out["points"]:
+        assert p["failed"] == 0 and p["statuses"] == {"200": 4} and _finite_positive(p["throughput"])
+    assert out["points"][0]["over_first"] == 1.0
+    assert set(out["memory"]) == {"jpeg_40mp", "jpeg_40mp_progressive", "png_40mp"}
+    assert all(m["peak_rise_mib"] < 1000 for m in out["memory"].values())

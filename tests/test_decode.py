@@ -1,5 +1,8 @@
 """``handler.decode.decode_image`` on odd but valid images, on the pixel cap and on garbage.
 
+These decode the whole image (no ``fit``); the reduced decodes for a network's size are in
+``tests/test_photos.py``.
+
 Every image is made here with PIL in memory; the expected pixels are computed independently
 (numpy on the array the image was made from), so a wrong channel order, a clipped 16-bit
 conversion or a missed EXIF rotation fails.
@@ -16,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from handler.decode import RequestError, decode_image, decode_images
+from handler.decode import Decoded, RequestError, decode_image, decode_images
 
 
 def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -29,9 +32,11 @@ def rgb_pattern(height: int, width: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
 
 
-def check(t: torch.Tensor, height: int, width: int) -> np.ndarray:
-    """Assert the contract (uint8, [3, H, W], CPU) and return HWC numpy for pixel checks."""
-    assert isinstance(t, torch.Tensor)
+def check(d: Decoded, height: int, width: int) -> np.ndarray:
+    """Assert the contract (uint8, [3, H, W], CPU, the whole image) and return HWC numpy for pixel checks."""
+    assert isinstance(d, Decoded) and isinstance(d.pixels, torch.Tensor)
+    assert (d.width, d.height) == (width, height)
+    t = d.pixels
     assert t.dtype == torch.uint8
     assert tuple(t.shape) == (3, height, width)
     assert t.device.type == "cpu"
@@ -189,7 +194,7 @@ def test_pixel_cap_413_before_decoding():
 
 def test_pixel_cap_is_configurable_and_inclusive():
     data = encode(Image.fromarray(rgb_pattern(10, 10)), "PNG")
-    assert decode_image(data, max_pixels=100).shape == (3, 10, 10)
+    assert decode_image(data, max_pixels=100).pixels.shape == (3, 10, 10)
     with pytest.raises(RequestError) as e:
         decode_image(data, max_pixels=99)
     assert e.value.status == 413
@@ -257,9 +262,9 @@ def test_cuda_jpeg_close_to_cpu():
     y, x = np.mgrid[0:48, 0:80]
     a = np.stack([x * 3, y * 5, (x + y) * 2], axis=-1).astype(np.uint8)  # smooth: decoders agree
     data = encode(Image.fromarray(a), "JPEG", quality=95)
-    gpu = decode_image(data, "cuda")
+    gpu = decode_image(data, "cuda").pixels
     assert gpu.device.type == "cuda" and gpu.dtype == torch.uint8 and tuple(gpu.shape) == (3, 48, 80)
-    diff = (gpu.cpu().int() - decode_image(data).int()).abs()
+    diff = (gpu.cpu().int() - decode_image(data).pixels.int()).abs()
     assert diff.float().mean() <= 2.0
 
 
@@ -268,8 +273,8 @@ def test_cuda_jpeg_close_to_cpu():
 def test_cuda_exif_orientation_applied(orientation):
     data = exif_jpeg(64, 32, orientation)
     gpu = decode_image(data, "cuda")
-    assert gpu.device.type == "cuda"
-    assert torch.equal(gpu.cpu(), decode_image(data))  # shape (3, 64, 32) and the same pixels
+    assert gpu.device.type == "cuda" and gpu.size == (32, 64)
+    assert torch.equal(gpu.pixels.cpu(), decode_image(data).pixels)  # shape (3, 64, 32) and the same pixels
 
 
 @cuda
@@ -278,7 +283,7 @@ def test_cuda_pixel_cap_and_cmyk_fallback():
         decode_image(jpeg_claiming(30000, 30000), "cuda")
     assert e.value.status == 413
     cmyk = encode(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "JPEG")
-    assert torch.equal(decode_image(cmyk, "cuda").cpu(), decode_image(cmyk))
+    assert torch.equal(decode_image(cmyk, "cuda").pixels.cpu(), decode_image(cmyk).pixels)
 
 
 # -- a batch at once ---------------------------------------------------------------------------------
@@ -307,7 +312,8 @@ def _same_item(got, want) -> None:
     if isinstance(want, RequestError):
         assert isinstance(got, RequestError) and (got.status, got.code) == (want.status, want.code)
     else:
-        assert isinstance(got, torch.Tensor) and torch.equal(got.cpu(), want.cpu())
+        assert isinstance(got, Decoded) and got.size == want.size
+        assert torch.equal(got.pixels.cpu(), want.pixels.cpu())
 
 
 def test_decode_images_equals_one_by_one_with_errors_in_place():
@@ -337,5 +343,5 @@ def test_cuda_decode_images_equals_one_by_one():
         except RequestError as e:
             want = e
         _same_item(g, want)
-        if isinstance(g, torch.Tensor):
+        if isinstance(g, Decoded):
             assert g.device.type == "cuda"

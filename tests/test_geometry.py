@@ -71,4 +71,4 @@ def test_exif_rotation_reaches_the_network_input(tmp_path):
     from handler.decode import decode_image
 
     t = decode_image(buf.getvalue())
-    assert t.shape == (3, 64, 32)
+    assert t.pixels.shape == (3, 64, 32) and t.size == (32, 64)

@@ -312,12 +312,12 @@ def same_detections(a: dict, b: dict) -> bool:
 
 def expected(detector: Detector, data: list[bytes], params: list[Params]) -> list[dict]:
     """What Detector gives for this exact batch (same composition as the handler's), per-request params."""
-    tensors = [detector.decode(d) for d in data]
-    dets = detector.detect_tensors(tensors, [p.iou_threshold for p in params]).cpu()
+    images = [detector.decode(d) for d in data]
+    dets = detector.detect_tensors(images, [p.iou_threshold for p in params]).cpu()
     return [
         {"model": {"name": MODEL_NAME, "version": MODEL_VERSION},
-         **detector.to_response(d, t.shape[-1], t.shape[-2], p)}
-        for d, t, p in zip(dets, tensors, params, strict=True)
+         **detector.to_response(d, img.width, img.height, p)}
+        for d, img, p in zip(dets, images, params, strict=True)
     ]  # fmt: skip
 
 
@@ -358,6 +358,10 @@ def test_request_shapes_answer_alike(worker, detector, images, card):
         assert a.raw == a.body  # the wire carries exactly what handle() returned
 
 
+def by_score(d: dict) -> tuple:
+    return -d["score"], d["box"], d["class_id"]
+
+
 def test_default_parameters_from_card(detector, model_dir, images, card, tmp_path):
     """A request without parameters gets the card's default score threshold.
 
@@ -378,7 +382,9 @@ def test_default_parameters_from_card(detector, model_dir, images, card, tmp_pat
     [a] = Worker(tmp_path).predict([Req(data, "image/jpeg")])
     assert a.status == 200
     check_response(a.body, *size_of(data), card, default, detector.max_det_per_image)
-    assert a.body["detections"] == kept
+    # Rows whose scores tie exactly (anchors over the letterbox padding see the same pixels) may come
+    # in either order from two NMS runs over different candidate sets: the same rows, in score order.
+    assert sorted(a.body["detections"], key=by_score) == sorted(kept, key=by_score)
 
 
 def test_score_threshold_and_max_detections(worker, detector, images, card):

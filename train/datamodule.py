@@ -1,9 +1,10 @@
 """Images + boxes -> effdet batches: transforms, Dataset, collate and the LightningDataModule.
 
 Training augments with ``torchvision.transforms.v2`` on ``tv_tensors.BoundingBoxes`` (flip,
-scale/translate jitter, colour) and then applies the serving geometry; validation applies the
-serving geometry only (``handler.geometry.letterbox``), decoding images with the handler's own
-decoder, so validation sees exactly what the served model will see.
+scale/translate jitter, colour) on the full-size image and then applies the serving geometry;
+validation decodes with the handler's own decoder at the size the network needs (a large JPEG at
+a DCT scale, see ``handler.decode``) and applies the serving geometry only
+(``handler.geometry.letterbox``), so validation sees exactly the tensor the served model will see.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch.utils.data import Dataset as TorchDataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from handler.decode import decode_image
+from handler.decode import Decoded, decode_image
 from handler.geometry import Geometry, letterbox
 from train.data import Record
 
@@ -35,9 +36,10 @@ def augmentation() -> v2.Compose:
     )
 
 
-def load_image(path: str | Path) -> torch.Tensor:
-    """A file -> uint8 RGB [3, H, W], EXIF orientation applied: the handler's decoder."""
-    return decode_image(Path(path).read_bytes())
+def load_image(path: str | Path, fit: tuple[int, int] | None = None) -> Decoded:
+    """A file -> ``Decoded`` (EXIF orientation applied) by the handler's decoder: the full image, or
+    with ``fit`` (the network's input size) the pixels serving decodes."""
+    return decode_image(Path(path).read_bytes(), fit=fit)
 
 
 class DetectionDataset(TorchDataset):
@@ -55,23 +57,24 @@ class DetectionDataset(TorchDataset):
         """``key`` is an index, or (index, augmentation seed) as ``EpochShuffle`` yields."""
         i, seed = key if isinstance(key, tuple) else (key, None)
         rec = self.records[i]
-        image = load_image(rec.image)
-        height, width = image.shape[-2:]
+        # Augmentation works in the image's own pixels (full size); validation takes serving's path.
+        image = load_image(rec.image, None if self.augment is not None else self.geometry.size)
+        width, height = image.size
         boxes = torch.tensor(rec.boxes, dtype=torch.float32).reshape(-1, 4)
         labels = torch.tensor(rec.labels, dtype=torch.int64)
         if self.augment is not None:
             with torch.random.fork_rng(devices=[]):
                 if seed is not None:
                     torch.manual_seed(seed)
-                image, target = self.augment(
-                    tv_tensors.Image(image),
+                pixels, target = self.augment(
+                    tv_tensors.Image(image.pixels),
                     {
                         "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(height, width)),
                         "labels": labels,
                     },
                 )
             image, boxes, labels = (
-                image.as_subclass(torch.Tensor),
+                pixels.as_subclass(torch.Tensor),
                 target["boxes"].as_subclass(torch.Tensor),
                 target["labels"],
             )

@@ -5,6 +5,7 @@
     python -m scripts.bench --device cuda --precision fp16 --channels-last --model seed
     python -m scripts.bench --stages post,fp16 --export runs/NAME/export    # any subset of the stages
     python -m scripts.bench --formats script,aoti         # TorchScript and AOTInductor side by side
+    python -m scripts.bench --stages photos,photos_served,accuracy --image-sizes 640x480,4032x3024
 
 One run, one model, one set of JPEG images; every figure is the median of repeats:
 
@@ -26,6 +27,14 @@ One run, one model, one set of JPEG images; every figure is the median of repeat
 6. ``null``    the same load against a handler that answers a constant (its own tiny .mar, built
                by the real archiver): what TorchServe's frontend and worker IPC pass at all.
                Served is reported against min(ceiling, null handler).
+7. ``photos``  the handler in-process on JPEG photos of each ``--image-sizes`` size (default
+               640x480, 1920x1080, 4032x3024), sizes taking turns, with the share of each of its
+               steps (decode, letterbox, network, post-processing, answer);
+   ``photos_served`` the same photos served over HTTP at one setting, and a served worker's peak
+               RSS rise for one 40 MP JPEG, progressive JPEG and PNG;
+8. ``accuracy`` the demo's held-out scenes upscaled to a phone's size (boxes scaled alike): mAP@.5
+               against the originals' (within 0.01), and >= 99 % of a full decode's detections
+               scoring >= 0.3 found by the reduced decode (same class, IoU >= 0.9).
 
 A parity check that compared no rows fails the run: a check is only as good as what it saw.
 The JSON is written first (``runs/bench/bench-<stamp>.json``), then the table and ``.png``; the
@@ -35,6 +44,7 @@ served model does; ``--weights random`` gives random heads instead), kept under 
 
 Modules, runners apart from results: ``timing`` (repeats, syncs, percentiles), ``workload``
 (model, its network formats and images), ``parity`` (the comparisons, shared with tests/test_postprocess.py),
+``photos`` (photo sizes, the served worker's memory, accuracy at phone size),
 ``stages`` (in-process stages), ``load`` (the closed loop: ``scripts.load.Traffic`` with a limit), ``served`` (TorchServe and
 the null handler), ``report`` (ratios, tables, plot: pure functions of the results), ``cli``."""
 

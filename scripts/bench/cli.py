@@ -18,6 +18,7 @@ import torch
 
 from handler.network import DEFAULT_FORMAT, NETWORK_FORMATS
 from scripts.bench.parity import BenchError
+from scripts.bench.photos import DEFAULT_SIZES, parse_sizes
 from scripts.bench.report import plot, ratio_lines, ratios, report
 from scripts.bench.served import ServedSetting, bench_served
 from scripts.bench.stages import bench_effdet, bench_fp16, bench_handler, bench_models, bench_post
@@ -25,7 +26,18 @@ from scripts.bench.timing import Progress
 from scripts.bench.workload import Workload, make_images, network_for, prepare, resolve_export
 from scripts.paths import ROOT
 
-STAGES = ("model", "effdet", "post", "handler", "fp16", "served", "null")
+STAGES = (
+    "model",
+    "effdet",
+    "post",
+    "handler",
+    "fp16",
+    "served",
+    "null",
+    "photos",
+    "photos_served",
+    "accuracy",
+)
 
 
 FULL = {
@@ -64,6 +76,13 @@ def _configs(text: str) -> tuple[ServedSetting, ...]:
             b, d, n = (int(x) for x in part.split(":"))
             out.append(ServedSetting(b, d, n))
     return tuple(out)
+
+
+def _sizes(text: str) -> tuple[tuple[int, int], ...]:
+    try:
+        return parse_sizes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -129,6 +148,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--served-repeats", type=int, help="repeats per served point (default 3)")
     p.add_argument("--images", type=int, help="distinct JPEG images (default: the largest batch)")
     p.add_argument("--image-side", type=int, default=640, help="longer side of the JPEG images in px")
+    p.add_argument(
+        "--image-sizes",
+        type=_sizes,
+        default=DEFAULT_SIZES,
+        help="photos stages: WIDTHxHEIGHT,... of the photo JPEGs, the first the reference the others are "
+        "compared with (default 640x480,1920x1080,4032x3024)",
+    )
+    p.add_argument(
+        "--photo-config",
+        type=_configs,
+        help="photos_served stage: the served setting batch:delay_ms:workers (default: the null handler's)",
+    )
+    p.add_argument(
+        "--photo-concurrency", type=int, help="photos_served stage: client concurrency (default: the largest)"
+    )
+    p.add_argument(
+        "--no-photo-memory",
+        action="store_true",
+        help="photos_served stage: skip the served worker's peak RSS for one 40 MP JPEG, progressive JPEG and PNG",
+    )
+    p.add_argument(
+        "--photo-data",
+        help="accuracy stage: a directory with a COCO val.json of held-out images (default: the demo's "
+        "60 held-out synthetic scenes, generated)",
+    )
     p.add_argument("--threads", type=int, help="torch threads in-process; served workers get threads/workers")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32", help="fp16 needs --device cuda")
@@ -164,6 +208,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         a.train_precision = "16-mixed" if a.device.startswith("cuda") else "32-true"
     if a.null_configs is None:
         a.null_configs = (max(a.configs, key=lambda s: (s.batch_size * s.workers, s.workers)),)
+    a.photo_config = a.photo_config[0] if a.photo_config else a.null_configs[0]
+    if a.photo_concurrency is None:
+        a.photo_concurrency = max(a.concurrency)
     if a.threads is None:
         a.threads = os.cpu_count() or 1
     if a.images is None:
@@ -265,6 +312,7 @@ def run(a: argparse.Namespace, argv: list[str] | None = None) -> dict:
         "requests_per_repeat": a.requests,
         "images": a.images,
         "image_side": a.image_side,
+        "image_sizes": [list(s) for s in a.image_sizes],
         "formats": list(a.formats),
     }
     export_dir, origin = resolve_export(a, progress)
@@ -339,6 +387,36 @@ def run(a: argparse.Namespace, argv: list[str] | None = None) -> dict:
                 x, a.batches, a.repeats, a.warmup, progress, a.threads, a.decode
             )
 
+    photos_by_size: dict = {}
+
+    def photo_images() -> dict:
+        from scripts.bench.photos import make_photos
+
+        if not photos_by_size:
+            progress.note(f"photos: making {a.images} JPEG photos at each of {len(a.image_sizes)} sizes")
+            photos_by_size.update({size: make_photos(a.images, size, a.seed) for size in a.image_sizes})
+        return photos_by_size
+
+    def photos() -> None:
+        from scripts.bench.photos import bench_photos
+
+        results.setdefault("photos", {})["handler"] = bench_photos(
+            w, photo_images(), a.batches, a.repeats, a.warmup, progress, a.threads, a.decode
+        )
+
+    def photos_served() -> None:
+        from scripts.bench.photos import bench_served_photos
+
+        results.setdefault("photos", {})["served"] = bench_served_photos(
+            w, a.name, a.photo_config, photo_images(), a.photo_concurrency, a.requests, a.served_repeats,
+            a.threads, out_dir / "serve", progress, memory=not a.no_photo_memory,
+        )  # fmt: skip
+
+    def accuracy() -> None:
+        from scripts.bench.photos import bench_accuracy, heldout
+
+        results["accuracy"] = bench_accuracy(w, heldout(a.photo_data, out_dir, a.seed), progress)
+
     runners = {
         "model": model,
         "effdet": effdet,
@@ -351,6 +429,9 @@ def run(a: argparse.Namespace, argv: list[str] | None = None) -> dict:
             stage(name, runners[name])
     if "served" in a.stages or "null" in a.stages:
         stage("served", served_and_null)
+    for name, fn in (("photos", photos), ("photos_served", photos_served), ("accuracy", accuracy)):
+        if name in a.stages:
+            stage(name, fn)
     if failures:
         results["failures"] = failures
     meta["loadavg_end"] = _loadavg()

@@ -10,6 +10,14 @@ TARGET_POST_SPEEDUP = 10.0
 TARGET_SERVED_OVER_HANDLER_CPU = 0.8
 TARGET_SERVED_OVER_CEILING_GPU = 0.8
 TARGET_P99_OVER_P50 = 3.0
+# Photos: handler time at batch 1 against a 640x480 JPEG's, served img/s against 640x480's, the
+# decode + letterbox share at 12 MP, a served worker's peak RSS rise for one 40 MP image (the PNG:
+# half of the 627 MiB one cost before decoding was reduced), accuracy at phone size.
+PHOTO_REFERENCE = (640, 480)
+TARGET_HANDLER_OVER_640 = {(1920, 1080): 1.2, (4032, 3024): 1.5}
+TARGET_DECODE_LETTERBOX_SHARE_12MP = 0.30
+TARGET_SERVED_12MP_OVER_640 = 0.6
+TARGET_PEAK_RISE_MIB = {"jpeg_40mp": 150e6 / 2**20, "png_40mp": 627 / 2}
 
 
 def ratios(results: dict) -> dict:
@@ -106,10 +114,133 @@ def ratios(results: dict) -> dict:
                 "note": f"{fp16['matched']}/{fp16['fp32_detections']} matched",
             }
         )
+    targets += photo_targets(results)
     out["targets"] = targets
     if results.get("formats"):
         out["formats"] = format_ratios(results)
     return out
+
+
+def photo_targets(results: dict) -> list[dict]:
+    """The photo targets of whatever the photos and accuracy stages measured."""
+    out = []
+    photos = results.get("photos") or {}
+    rows = {tuple(r["size"]): r for r in photos.get("handler") or [] if r["batch"] == 1}
+    ref = rows.get(PHOTO_REFERENCE)
+    for size, limit in TARGET_HANDLER_OVER_640.items():
+        if ref and size in rows:
+            value = rows[size]["median_s"] / ref["median_s"]
+            out.append({"target": f"handler time for a {size[0]}x{size[1]} JPEG <= {limit}x a 640x480 one's (batch 1)",
+                        "value": value, "met": value <= limit, "note": ""})  # fmt: skip
+    if (4032, 3024) in rows:
+        share = rows[(4032, 3024)]["decode_letterbox_share"]
+        out.append({"target": f"decode + letterbox <= {TARGET_DECODE_LETTERBOX_SHARE_12MP:.0%} of a 12 MP JPEG's handler steps",
+                    "value": share, "met": share <= TARGET_DECODE_LETTERBOX_SHARE_12MP, "note": "batch 1"})  # fmt: skip
+    served = {tuple(p["size"]): p for p in (photos.get("served") or {}).get("points", [])}
+    if PHOTO_REFERENCE in served and (4032, 3024) in served and served[PHOTO_REFERENCE]["throughput"]:
+        value = served[(4032, 3024)]["throughput"] / served[PHOTO_REFERENCE]["throughput"]
+        failed = sum(p["failed"] for p in served.values())
+        out.append({"target": f"served img/s for 12 MP photos >= {TARGET_SERVED_12MP_OVER_640}x 640x480's",
+                    "value": value, "met": value >= TARGET_SERVED_12MP_OVER_640 and failed == 0,
+                    "note": f"{failed} failed requests" if failed else ""})  # fmt: skip
+    for probe, limit in TARGET_PEAK_RISE_MIB.items():
+        m = ((photos.get("served") or {}).get("memory") or {}).get(probe)
+        if m:
+            out.append({"target": f"served worker peak RSS rise for one {probe.replace('_', ' ')} <= {limit:.0f} MiB",
+                        "value": m["peak_rise_mib"], "met": m["peak_rise_mib"] <= limit, "note": "MiB"})  # fmt: skip
+    acc = results.get("accuracy")
+    if acc:
+        out.append({"target": "mAP@.5 of held-out scenes at phone size within 0.01 of the originals'",
+                    "value": acc["delta_map50"], "met": abs(acc["delta_map50"]) <= 0.01,
+                    "note": f"{acc['map50']['photo']:.4f} vs {acc['map50']['original']:.4f}"})  # fmt: skip
+        out.append({"target": ">= 99 % of a full decode's detections scoring >= 0.3 found in the reduced one (IoU >= 0.9)",
+                    "value": acc["agreement"], "met": acc["agreement"] >= 0.99,
+                    "note": f"{acc['matched']}/{acc['full_decode_detections']} matched"})  # fmt: skip
+    return out
+
+
+def photo_report(results: dict) -> list[str]:
+    """The photos and accuracy stages' tables."""
+    parts = []
+    photos = results.get("photos") or {}
+    if photos.get("handler"):
+        parts.append(
+            "\n7. photos: the handler in-process per image size (JPEG q90 photos), and the share of each of "
+            "its steps (timed apart); x first = handler time against the first size's\n"
+            + table(
+                (
+                    "size",
+                    "MP",
+                    "kB",
+                    "batch",
+                    "img/s",
+                    "ms/img",
+                    "x first",
+                    "decode",
+                    "letterbox",
+                    "network",
+                    "post",
+                    "answer",
+                ),
+                [
+                    (
+                        f"{r['size'][0]}x{r['size'][1]}",
+                        r["megapixels"],
+                        r["jpeg_kb"],
+                        r["batch"],
+                        r["images_per_s"],
+                        r["ms_per_image"],
+                        r["over_first"],
+                        *(
+                            f"{100 * r['shares'][k]:.0f} %"
+                            for k in ("decode", "letterbox", "network", "post", "answer")
+                        ),
+                    )
+                    for r in photos["handler"]
+                ],
+            )  # fmt: skip
+        )
+    served = photos.get("served")
+    if served:
+        parts.append(
+            f"\n7. photos served over HTTP: batchSize {served['batch_size']}, maxBatchDelay "
+            f"{served['max_batch_delay']} ms, {served['workers']} worker(s), concurrency {served['concurrency']}\n"
+            + table(
+                ("size", "img/s", "x first", "p50 ms", "p99 ms", "failed"),
+                [
+                    (
+                        f"{p['size'][0]}x{p['size'][1]}",
+                        p["throughput"],
+                        p.get("over_first"),
+                        p["p50_ms"],
+                        p["p99_ms"],
+                        f"{p['failed']}/{p['requests']}",
+                    )
+                    for p in served["points"]
+                ],
+            )  # fmt: skip
+        )
+        if served.get("memory"):
+            parts.append(
+                "served worker's peak RSS rise (VmHWM, reset before) for one image: "
+                + ", ".join(
+                    f"{k} ({v['bytes'] / 1e6:.1f} MB) +{v['peak_rise_mib']:.0f} MiB"
+                    for k, v in served["memory"].items()
+                )  # fmt: skip
+            )
+    acc = results.get("accuracy")
+    if acc:
+        parts.append(
+            f"\n8. accuracy at phone size: {acc['images']} held-out scenes upscaled to a longer side of "
+            f"{acc['photo_longer_side']} px (decoded pixels: {100 * acc['decoded_pixels_share']:.1f} % of a full decode)\n"
+            + table(
+                ("images", "mAP@.5", "mAP@[.5:.95]"),
+                [(k, acc["map50"][k], acc["map"][k]) for k in ("original", "photo", "full_decode")],
+            )
+            + f"\nphoto vs its full decode: {acc['matched']}/{acc['full_decode_detections']} detections scoring "
+            f">= {acc['min_score']} matched (same class, IoU >= {acc['min_iou']}): {100 * acc['agreement']:.2f} %"
+        )
+    return parts
 
 
 def best_served_point(results: dict, fmt: str) -> dict | None:
@@ -326,6 +457,7 @@ def report(results: dict) -> str:
                 ],
             )
         )
+    parts += photo_report(results)
     fp16 = results.get("fp16")
     if fp16:
         if "skipped" in fp16:

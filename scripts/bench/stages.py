@@ -172,7 +172,7 @@ def make_handler(w: Workload, threads: int | None, decode: str = "auto"):
     from ts.context import Context
     from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
-    from handler.decode import decode_image
+    from handler.decode import RequestError, decode_images
     from handler.effdet_handler import EffDetHandler
 
     manifest = {
@@ -196,9 +196,20 @@ def make_handler(w: Workload, threads: int | None, decode: str = "auto"):
     )  # fmt: skip
     handler = EffDetHandler()
     handler.initialize(ctx)
-    if decode == "cpu":  # nvjpeg off: PIL decode on the CPU, then copy
+    if decode == "cpu":  # nvjpeg off: PIL decode (reduced for the network) on the CPU, then copy
         det = handler.detector
-        det.decode = lambda data: decode_image(data, "cpu", det.max_pixels).to(det.device)
+
+        def decode_batch(datas):
+            out = decode_images(datas, "cpu", det.max_pixels, det.geometry.size)
+            return [d if isinstance(d, RequestError) else d.to(det.device) for d in out]
+
+        def decode(data):
+            [d] = decode_batch([data])
+            if isinstance(d, RequestError):
+                raise d
+            return d
+
+        det.decode, det.decode_batch = decode, decode_batch  # the handler calls decode_batch
     return handler, ctx
 
 
