@@ -5,6 +5,7 @@
     python -m scripts.bench --device cuda --precision fp16 --channels-last --model seed
     python -m scripts.bench --stages post,fp16 --export runs/NAME/export    # any subset of the stages
     python -m scripts.bench --formats script,aoti         # TorchScript and AOTInductor side by side
+    python -m scripts.bench --stages overload             # goodput under overload, with deadlines
 
 One run, one model, one set of JPEG images; every figure is the median of repeats:
 
@@ -26,6 +27,10 @@ One run, one model, one set of JPEG images; every figure is the median of repeat
 6. ``null``    the same load against a handler that answers a constant (its own tiny .mar, built
                by the real archiver): what TorchServe's frontend and worker IPC pass at all.
                Served is reported against min(ceiling, null handler).
+7. ``overload`` the demo's archive (batchSize 4, one worker) on its own TorchServe: capacity with
+               32 closed-loop clients, then 128 clients giving up after 2 s, with and without
+               X-Request-Deadline, then capacity again; goodput (answers within the deadline per
+               second) over capacity, statuses, answers the server never sent, worker restarts.
 
 A parity check that compared no rows fails the run: a check is only as good as what it saw.
 The JSON is written first (``runs/bench/bench-<stamp>.json``), then the table and ``.png``; the
@@ -36,7 +41,8 @@ served model does; ``--weights random`` gives random heads instead), kept under 
 Modules, runners apart from results: ``timing`` (repeats, syncs, percentiles), ``workload``
 (model, its network formats and images), ``parity`` (the comparisons, shared with tests/test_postprocess.py),
 ``stages`` (in-process stages), ``load`` (the closed loop: ``scripts.load.Traffic`` with a limit), ``served`` (TorchServe and
-the null handler), ``report`` (ratios, tables, plot: pure functions of the results), ``cli``."""
+the null handler), ``report`` (ratios, tables, plot: pure functions of the results), ``cli``;
+``overload`` (deadlines under overload)."""
 
 from scripts.bench.cli import FORMATS, FULL, QUICK, STAGES, main, network_info, parse_args, run
 from scripts.bench.load import ProcessCPU, aggregate, run_load

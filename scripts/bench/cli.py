@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from scripts.bench.overload import OVERLOAD_SETTING, bench_overload_served
 from scripts.bench.parity import BenchError
 from scripts.bench.report import plot, ratio_lines, ratios, report
 from scripts.bench.served import ServedSetting, bench_served
@@ -24,7 +25,7 @@ from scripts.bench.timing import Progress
 from scripts.bench.workload import Workload, make_images, network_for, prepare, resolve_export
 from scripts.paths import ROOT
 
-STAGES = ("model", "effdet", "post", "handler", "fp16", "served", "null")
+STAGES = ("model", "effdet", "post", "handler", "fp16", "served", "null", "overload")
 FORMATS = ("script", "aoti")
 
 
@@ -37,6 +38,7 @@ FULL = {
     "requests": 64,
     "served_repeats": 3,
     "train_steps": 300,
+    "overload": (32, 128, 2.0, 30.0),
 }
 
 
@@ -49,11 +51,18 @@ QUICK = {
     "requests": 16,
     "served_repeats": 1,
     "train_steps": 150,
+    "overload": (8, 32, 1.0, 8.0),
 }
 
 
 def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.replace(" ", "").split(",") if x)
+
+
+def _overload(text: str) -> tuple[int, int, float, float]:
+    """``CAPACITY_CLIENTS:CLIENTS:DEADLINE_S:SECONDS`` -> the overload stage's point."""
+    cap, clients, deadline, seconds = text.replace(" ", "").split(":")
+    return int(cap), int(clients), float(deadline), float(seconds)
 
 
 def _configs(text: str) -> tuple[ServedSetting, ...]:
@@ -127,6 +136,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=_ints, help="client concurrencies (default 1,4,8)")
     p.add_argument("--requests", type=int, help="requests per served repeat (default 64)")
     p.add_argument("--served-repeats", type=int, help="repeats per served point (default 3)")
+    p.add_argument(
+        "--overload",
+        type=_overload,
+        help="overload stage: capacity clients:clients:deadline s:window s (default 32:128:2:30; quick 8:32:1:8)",
+    )
     p.add_argument("--images", type=int, help="distinct JPEG images (default: the largest batch)")
     p.add_argument("--image-side", type=int, default=640, help="longer side of the JPEG images in px")
     p.add_argument("--threads", type=int, help="torch threads in-process; served workers get threads/workers")
@@ -348,6 +362,11 @@ def run(a: argparse.Namespace, argv: list[str] | None = None) -> dict:
             stage(name, runners[name])
     if "served" in a.stages or "null" in a.stages:
         stage("served", served_and_null)
+    if "overload" in a.stages:
+        cap, clients, deadline, seconds = a.overload
+        stage("overload", lambda: results.__setitem__("overload", bench_overload_served(
+            w, a.name, OVERLOAD_SETTING, cap, clients, deadline, seconds, max(5.0, 3 * deadline), a.threads,
+            out_dir / "overload", progress)))  # fmt: skip
     if failures:
         results["failures"] = failures
     meta["loadavg_end"] = _loadavg()

@@ -10,6 +10,7 @@ TARGET_POST_SPEEDUP = 10.0
 TARGET_SERVED_OVER_HANDLER_CPU = 0.8
 TARGET_SERVED_OVER_CEILING_GPU = 0.8
 TARGET_P99_OVER_P50 = 3.0
+TARGET_OVERLOAD_GOODPUT = 0.7  # goodput with deadlines over capacity, both measured in the run
 
 
 def ratios(results: dict) -> dict:
@@ -106,10 +107,62 @@ def ratios(results: dict) -> dict:
                 "note": f"{fp16['matched']}/{fp16['fp32_detections']} matched",
             }
         )
+    over = results.get("overload")
+    out["overload_goodput_over_capacity"] = over["deadlines_over_capacity"] if over else None
+    out["overload_goodput_over_capacity_without_deadlines"] = (
+        over["no_deadlines_over_capacity"] if over else None
+    )
+    if over:
+        targets.append(overload_target(over))
     out["targets"] = targets
     if results.get("formats"):
         out["formats"] = format_ratios(results)
     return out
+
+
+def overload_target(over: dict) -> dict:
+    """Goodput under overload with deadlines >= TARGET_OVERLOAD_GOODPUT x capacity, with no 5xx
+    other than 503/504, no request left unanswered by the server and no worker restart."""
+    on = over["deadlines"]
+    clean = not on["faults"] and on.get("lost") == 0 and not over["worker_restarted"]
+    return {
+        "target": f"goodput at {on['clients']} clients with {on['deadline_s']:g} s deadlines >= "
+        f"{TARGET_OVERLOAD_GOODPUT} x capacity at {over['capacity_runs'][0]['clients']} clients",
+        "value": over["deadlines_over_capacity"],
+        "met": clean and over["deadlines_over_capacity"] >= TARGET_OVERLOAD_GOODPUT,
+        "note": f"{over['no_deadlines_over_capacity']:.2f}x without deadlines"
+        + (
+            ""
+            if clean
+            else f"; faults {on['faults']}, lost {on.get('lost')}, restarted {over['worker_restarted']}"
+        ),
+    }
+
+
+def overload_section(over: dict) -> str:
+    """Section 7: capacity, then overload with and without deadlines, as the clients and the server saw it."""
+    rows = []
+    for label, p in (("capacity", over["capacity_runs"][0]), ("deadlines", over["deadlines"]),
+                     ("no deadlines", over["no_deadlines"]), ("capacity", over["capacity_runs"][-1])):  # fmt: skip
+        statuses = ", ".join(f"{k}: {v}" for k, v in p["statuses"].items())
+        rows.append(
+            (label, p["clients"], p["deadline_s"], p["goodput"], p["p50_ms"], p["p99_ms"], statuses,
+             p.get("unread_200"), p.get("lost"), p.get("workers_cpu_pct"), p.get("client_cpu_pct"))
+        )  # fmt: skip
+    headers = ("phase", "clients", "timeout s", "in time/s", "p50 ms", "p99 ms", "statuses in window",
+               "unread 200", "lost", "workers %cpu", "client %cpu")  # fmt: skip
+    return (
+        f"\n7. overload: batchSize {over['batch_size']}, maxBatchDelay {over['max_batch_delay']} ms, "
+        f"{over['workers']} worker(s); closed-loop clients, each giving up after its timeout; phases in turn, "
+        f"{over['capacity_runs'][0]['window_s']:.0f} s windows after a warm-up\n"
+        + table(headers, rows)
+        + f"\ncapacity {over['capacity']:.1f}/s (spread {100 * (over['capacity_spread'] or 0):.0f} % between "
+        f"its two runs); goodput / capacity: {over['deadlines_over_capacity']:.2f}x with deadlines, "
+        f"{over['no_deadlines_over_capacity']:.2f}x without; worker restarted: {over['worker_restarted']}.\n"
+        "in time = 200s within the timeout; unread 200 = answers the server computed and sent after "
+        "their client had left; lost = requests the server never answered (its access log against the "
+        "requests sent, after its queue drained); %cpu of one core in the window."
+    )
 
 
 def best_served_point(results: dict, fmt: str) -> dict | None:
@@ -324,6 +377,8 @@ def report(results: dict) -> str:
                 ],
             )
         )
+    if results.get("overload"):
+        parts.append(overload_section(results["overload"]))
     fp16 = results.get("fp16")
     if fp16:
         if "skipped" in fp16:
@@ -360,6 +415,10 @@ def ratio_lines(r: dict) -> str:
     )
     lines.append(
         f"  p99 / p50             {_ratio(r.get('served_best_p99_over_p50'))} at the best served point"
+    )
+    lines.append(
+        f"  goodput / capacity    {_ratio(r.get('overload_goodput_over_capacity'))} under overload with deadlines"
+        f" ({_ratio(r.get('overload_goodput_over_capacity_without_deadlines'))} without)"
     )
     for fmt, f in (r.get("formats") or {}).items():
         if fmt != "script":

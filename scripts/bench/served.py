@@ -170,7 +170,12 @@ NULL_NAME = "null"
 NULL_HANDLER = Path(__file__).with_name("null_handler.py")
 
 
-def served_config(setting: ServedSetting, cuda: bool, handler: HandlerConfig | None = None) -> ModelConfig:
+def served_config(
+    setting: ServedSetting,
+    cuda: bool,
+    handler: HandlerConfig | None = None,
+    startup_timeout: int | None = None,
+) -> ModelConfig:
     """The archive's model-config for one served setting (the model's and the null handler's alike)."""
     b, d, n = setting
     return ModelConfig(
@@ -178,6 +183,7 @@ def served_config(setting: ServedSetting, cuda: bool, handler: HandlerConfig | N
         max_batch_delay=d,
         min_workers=n,
         max_workers=n,
+        startup_timeout=startup_timeout,
         device_type="gpu" if cuda else "cpu",
         handler=handler or HandlerConfig(),
     )
