@@ -304,16 +304,17 @@ def test_a_describe_row_and_the_kinds_of_bodies_keep_their_deadline_rules(worker
 
 @pytest.mark.slow
 def test_goodput_under_overload_stays_near_capacity(exported, val_images, tmp_path):
-    """One worker (batchSize 4), clients in a closed loop: first a few clients with a generous
-    timeout measure what the worker serves per second (capacity); then 96 clients, each giving up
-    after a deadline a third as long as the queue they make (an overload of 3x), send
-    X-Request-Deadline. The deadline is set from the measured capacity (8 batches' time), so the
-    test asks the same of a fast machine and of a busy one.
+    """One worker (batchSize 4), clients in a closed loop: a few clients with a generous timeout
+    measure what the worker serves per second (capacity, before and after); in between 96 clients,
+    each giving up after a deadline a third as long as the queue they make (an overload of 3x),
+    send X-Request-Deadline. The deadline is set from the measured capacity (8 batches' time), so
+    the test asks the same of a fast machine and of a busy one.
 
-    Asserted, as ratios of the same run: answers within the deadline per second >= 0.5 x capacity
-    (without deadlines the worker computes answers nobody reads and this falls to a few percent);
-    only 200, 503 and 504 come back; TorchServe answered every request sent (its access log,
-    after its queue drained: no request silently dropped); the worker is the same process.
+    Asserted, as ratios of the same run: answers within the deadline per second >= 0.4 x capacity
+    (measured 0.6-0.9 on a loaded 2-core VM; with the same clients sending no deadline the worker
+    computes answers nobody reads and this falls to ~0.0); only 200, 503 and 504 come back;
+    TorchServe answered every request sent (its access log, after its queue drained: no request
+    silently dropped); the worker is the same process throughout.
     """
     from handler.config import HandlerConfig
     from scripts.archive import archive
@@ -334,10 +335,9 @@ def test_goodput_under_overload_stays_near_capacity(exported, val_images, tmp_pa
     store = tmp_path / "store"
     # the demo's batching; one torch thread (two spin against each other on a shared 2-core
     # machine); a worker warming up on a busy machine may take minutes
-    config = ModelConfig(
-        batch_size=4, max_batch_delay=20, startup_timeout=900, handler=HandlerConfig(torch_threads=1)
-    )
-    archive(exported, "busy", "1.0", store, config)
+    handler = HandlerConfig(torch_threads=1)
+    archive(exported, "busy", "1.0", store, ModelConfig(batch_size=4, max_batch_delay=20, startup_timeout=900,
+                                                         handler=handler))  # fmt: skip
     images = val_images[:8]
     srv = Server(tmp_path / "ts", store, free_ports=True)
     try:
@@ -346,17 +346,22 @@ def test_goodput_under_overload_stays_near_capacity(exported, val_images, tmp_pa
         pids = worker_pids(mgmt, "busy")
         before = server_answers(srv, "busy")
         cpu = ProcessCPU(_server_pid(srv))
-        cap = closed_loop(overload_client(srv, 300, False), "busy", images, 8, 10, 3, 300, cpu)
-        capacity = cap["goodput"]
-        assert capacity > 0 and cap["statuses"] == {"200": cap["finished_in_window"]}, cap
+        calm = overload_client(srv, 300, False)
+        caps = [closed_loop(calm, "busy", images, 8, 10, 3, 300, cpu)]
         clients = 96
-        deadline = clients / (3 * capacity)
+        deadline = clients / (3 * caps[0]["goodput"])
         over = closed_loop(overload_client(srv, deadline, True), "busy", images, clients,
                            max(12, 4 * deadline), 3 * deadline + 2, deadline, cpu)  # fmt: skip
-        served = drain(srv, mgmt, "busy", before, cap["requests"] + over["requests"])
-        print(f"\n{cap}\n{over}\ncapacity {capacity:.1f}/s; {clients} clients, deadline {deadline:.2f} s: goodput "
-              f"{over['goodput']:.1f}/s = {over['goodput'] / capacity:.2f} x; {over['statuses']}; {served}")  # fmt: skip
-        assert over["goodput"] >= 0.5 * capacity, (capacity, over)
+        drain(srv, mgmt, "busy", before, caps[0]["requests"] + over["requests"])  # the queue empties
+        caps.append(closed_loop(calm, "busy", images, 8, 10, 3, 300, cpu))
+        served = drain(srv, mgmt, "busy", before, sum(p["requests"] for p in (*caps, over)))
+        capacity = (caps[0]["goodput"] + caps[1]["goodput"]) / 2
+        print(f"\ncapacity {[round(c['goodput'], 2) for c in caps]}/s; {clients} clients, deadline "
+              f"{deadline:.2f} s: goodput {over['goodput']:.2f}/s = {over['goodput'] / capacity:.2f} x; "
+              f"{over['statuses']}; {served}; worker %cpu {[p.get('workers_cpu_pct') for p in (*caps, over)]}")  # fmt: skip
+        for c in caps:
+            assert c["goodput"] > 0 and c["statuses"] == {"200": c["finished_in_window"]}, c
+        assert over["goodput"] >= 0.4 * capacity, (caps, over)
         faults = {k: v for k, v in over["statuses"].items() if k.isdigit() and k not in EXPECTED}
         assert not faults and "wrong answer" not in over["statuses"], over["statuses"]
         assert served["lost"] == 0, served
@@ -419,3 +424,15 @@ def test_overload_stage_and_its_arguments():
     assert "overload" in bench.STAGES
     assert bench.parse_args([]).overload == (32, 128, 2.0, 30.0)
     assert bench.parse_args(["--overload", "16:64:1.5:20"]).overload == (16, 64, 1.5, 20.0)
+
+
+def test_archives_may_give_workers_longer_to_start():
+    """The overload stage and test archive with a long startupTimeout (a worker warming up on a busy
+    machine); absent, TorchServe's default stands; nonsense is refused before an archive is made."""
+    from scripts.settings import InvalidArgument, ModelConfig
+
+    assert "startupTimeout" not in ModelConfig().to_yaml()
+    assert ModelConfig(startup_timeout=900).to_yaml()["startupTimeout"] == 900
+    for bad in (0, -5, 1.5, 10**6):
+        with pytest.raises(InvalidArgument, match="startup_timeout"):
+            ModelConfig(startup_timeout=bad)

@@ -22,18 +22,22 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 import statistics
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import requests
+
 from scripts.bench.load import ProcessCPU, has_detections
+from scripts.bench.served import ServedSetting, _server_pid, model_name, served_config
 from scripts.bench.timing import Progress, percentile
 from scripts.client import NO_RETRY, Client
 from scripts.load import Images, Traffic
 
-OVERLOAD_SETTING = (4, 20, 1)  # batchSize, maxBatchDelay ms, workers: the demo's archive
+OVERLOAD_SETTING = ServedSetting(4, 20, 1)  # batchSize, maxBatchDelay ms, workers: the demo's archive
 EXPECTED = {"200", "503", "504"}  # answers an overloaded server may give; anything else is a fault
 
 
@@ -117,6 +121,21 @@ def server_answers(server, model: str) -> Counter | None:
     return Counter(m.group(1).decode() for f in logs for m in line.finditer(f.read_bytes()))
 
 
+def handler_counters(server, names: Sequence[str] = ("EffDetDeadlineExpired", "EffDetDeadlineLate")) -> dict:
+    """The handler's own counters as TorchServe's metrics endpoint shows them (summed over their
+    labels): rows answered 504 because their deadline had passed, or because their batch could
+    not have finished in time. Empty when the endpoint cannot be read."""
+    try:
+        text = requests.get(server.props["metrics_address"] + "/metrics", timeout=10).text
+    except (requests.RequestException, KeyError):
+        return {}
+    out = {}
+    for name in names:
+        values = re.findall(rf"(?m)^{name}(?:{{[^}}]*}})? ([0-9.eE+-]+)$", text)
+        out[name] = round(sum(float(v) for v in values))
+    return out
+
+
 def pending(mgmt: Client, model: str) -> int:
     desc = mgmt.describe(model)[0]
     return int((desc.get("jobQueueStatus") or {}).get("pendingRequests", 0))
@@ -145,6 +164,23 @@ def drain(server, mgmt: Client, model: str, before: Counter | None, sent: int, p
     }
 
 
+def cpu_split(point: dict, capacity_runs: Sequence[dict]) -> dict:
+    """Goodput over capacity as (the worker's CPU against the capacity runs') x (answers in time per
+    worker CPU-second against theirs): on a small machine the first falls when the clients and the
+    frontend take cores from the worker; the second is what the worker's own time bought."""
+    cpu = [p.get("workers_cpu_pct") for p in capacity_runs]
+    if point.get("workers_cpu_pct") is None or not all(cpu):
+        return {}
+    base_cpu = statistics.fmean(cpu)
+    base_rate = statistics.fmean(p["goodput"] / p["workers_cpu_pct"] for p in capacity_runs)
+    return {
+        "worker_cpu_over_capacity": point["workers_cpu_pct"] / base_cpu,
+        "in_time_per_worker_cpu_over_capacity": (point["goodput"] / point["workers_cpu_pct"]) / base_rate
+        if point["workers_cpu_pct"]
+        else None,
+    }
+
+
 def bench_overload(
     server,
     model: str,
@@ -158,8 +194,6 @@ def bench_overload(
 ) -> dict:
     """The four phases on ``model``, already registered and READY on ``server``; the figures and
     the checks (statuses, lost answers, worker restarts) of each, and goodput over capacity."""
-    from scripts.bench.served import _server_pid
-
     mgmt = Client(server.inference_url, server.management_url, server.key_file)
     pids = worker_pids(mgmt, model)
     cpu = ProcessCPU(_server_pid(server))
@@ -173,11 +207,12 @@ def bench_overload(
         progress.stage("overload", len(phases))
     out: dict = {"capacity_runs": []}
     for name, n, timeout, send in phases:
-        before = server_answers(server, model)
+        before, counted = server_answers(server, model), handler_counters(server)
         point = closed_loop(
             overload_client(server, timeout, send), model, payloads, n, seconds, warmup, timeout, cpu
         )
         point.update(drain(server, mgmt, model, before, point["requests"]))
+        point["handler_504"] = {k: v - counted.get(k, 0) for k, v in handler_counters(server).items()}
         # answers computed for clients that had already left: the server sent a 200, nobody read it
         point["unread_200"] = (point["server_statuses"] or {}).get("200", 0) - point["ok_total"]
         point["faults"] = {k: v for k, v in point["statuses"].items() if k.isdigit() and k not in EXPECTED}
@@ -194,6 +229,7 @@ def bench_overload(
     out["capacity_spread"] = (max(caps) - min(caps)) / out["capacity"] if out["capacity"] else None
     for name in ("deadlines", "no_deadlines"):
         out[f"{name}_over_capacity"] = out[name]["goodput"] / out["capacity"] if out["capacity"] else None
+        out[name].update(cpu_split(out[name], out["capacity_runs"]))
     out["worker_restarted"] = worker_pids(mgmt, model) != pids
     return out
 
@@ -201,7 +237,7 @@ def bench_overload(
 def bench_overload_served(
     w,
     name: str,
-    setting,
+    setting: ServedSetting,
     capacity_clients: int,
     clients: int,
     deadline: float,
@@ -213,11 +249,8 @@ def bench_overload_served(
 ) -> dict:
     """Archive ``w``'s model at ``setting`` (batchSize, maxBatchDelay, workers), serve it alone on
     its own TorchServe and run ``bench_overload`` on it."""
-    import shutil
-
     from handler.config import HandlerConfig
     from scripts.archive import archive
-    from scripts.bench.served import model_name, served_config
     from scripts.serve import Server
 
     workdir = Path(workdir)
@@ -228,7 +261,7 @@ def bench_overload_served(
     model = model_name(f"{name}_overload", setting)
     cuda = w.device.type == "cuda"
     handler = HandlerConfig(
-        precision=w.precision, torch_threads=None if cuda else max(1, threads // setting[2])
+        precision=w.precision, torch_threads=None if cuda else max(1, threads // setting.workers)
     )
     # a worker warming up on a busy machine can take minutes: give it them rather than a restart loop
     archive(w.export_dir, model, "1.0", store, served_config(setting, cuda, handler, startup_timeout=900))
