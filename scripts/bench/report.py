@@ -151,18 +151,28 @@ def overload_section(over: dict) -> str:
         )  # fmt: skip
     headers = ("phase", "clients", "timeout s", "in time/s", "p50 ms", "p99 ms", "statuses in window",
                "unread 200", "lost", "workers %cpu", "client %cpu")  # fmt: skip
-    return (
+    lines = [
         f"\n7. overload: batchSize {over['batch_size']}, maxBatchDelay {over['max_batch_delay']} ms, "
         f"{over['workers']} worker(s); closed-loop clients, each giving up after its timeout; phases in turn, "
-        f"{over['capacity_runs'][0]['window_s']:.0f} s windows after a warm-up\n"
-        + table(headers, rows)
-        + f"\ncapacity {over['capacity']:.1f}/s (spread {100 * (over['capacity_spread'] or 0):.0f} % between "
+        f"{over['capacity_runs'][0]['window_s']:.0f} s windows after a warm-up",
+        table(headers, rows),
+        f"capacity {over['capacity']:.1f}/s (spread {100 * (over['capacity_spread'] or 0):.0f} % between "
         f"its two runs); goodput / capacity: {over['deadlines_over_capacity']:.2f}x with deadlines, "
-        f"{over['no_deadlines_over_capacity']:.2f}x without; worker restarted: {over['worker_restarted']}.\n"
-        "in time = 200s within the timeout; unread 200 = answers the server computed and sent after "
-        "their client had left; lost = requests the server never answered (its access log against the "
-        "requests sent, after its queue drained); %cpu of one core in the window."
+        f"{over['no_deadlines_over_capacity']:.2f}x without; worker restarted: {over['worker_restarted']}.",
+    ]
+    for label, p in (("deadlines", over["deadlines"]), ("no deadlines", over["no_deadlines"])):
+        if p.get("worker_cpu_over_capacity") is not None and p.get("in_time_per_worker_cpu_over_capacity"):
+            lines.append(
+                f"{label}: the worker had {p['worker_cpu_over_capacity']:.2f}x the CPU of the capacity runs, "
+                f"and each CPU-second of it bought {p['in_time_per_worker_cpu_over_capacity']:.2f}x their "
+                f"answers in time; the handler's 504s: {p.get('handler_504')}."
+            )
+    lines.append(
+        "in time = 200s within the timeout; unread 200 = answers the server computed and sent after their "
+        "client had left; lost = requests the server never answered (its access log against the requests "
+        "sent, after its queue drained); %cpu of one core in the window."
     )
+    return "\n".join(lines)
 
 
 def best_served_point(results: dict, fmt: str) -> dict | None:
