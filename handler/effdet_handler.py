@@ -20,6 +20,7 @@ from ts.torch_handler.base_handler import BaseHandler
 from handler.answer import ModelInfo
 from handler.card import ModelCard
 from handler.config import HandlerConfig
+from handler.deadline import DEADLINE_HEADER, BatchCost, can_finish, expired, parse_deadline, too_late
 from handler.decode import FORMATS, RequestError
 from handler.detector import Detector, bucket_sizes
 from handler.request import REQUEST_ID_ECHO_HEADER, Params, header, parse_params, request_id, split_request
@@ -29,6 +30,11 @@ logger = logging.getLogger(__name__)
 
 class EffDetHandler(BaseHandler):
     """initialize / preprocess / inference / postprocess around the shared Detector core."""
+
+    def __init__(self):
+        super().__init__()
+        self.batch_cost = BatchCost()  # what a batch of each bucket size costs here (deadlines)
+        self.dropped = {"expired": 0, "late": 0}  # rows answered 504 in the current batch
 
     def initialize(self, context) -> None:
         props = context.system_properties
@@ -72,21 +78,47 @@ class EffDetHandler(BaseHandler):
         """Each row -> (Decoded image, Params), the public card for a describe row, or the
         RequestError that row earned.
 
-        The images of the batch are decoded together (on CUDA, nvjpeg takes the JPEGs in one call)."""
-        items, raws = [], []
+        Deadlines first (``handler.deadline``): a row whose ``X-Request-Deadline`` has passed is
+        answered 504 before its body is looked at, one this batch could not finish in time before
+        its image is decoded. The images of the rest are decoded together (on CUDA, nvjpeg takes
+        the JPEGs in one call)."""
+        now_ms = time.time() * 1000
+        items, raws, deadlines = [], [], []
+        self.dropped = {"expired": 0, "late": 0}
         for idx, row in enumerate(data):
             if self._header_is_true(idx, "describe"):
                 items.append(self.describe_card())
                 continue
             try:
+                deadline = parse_deadline(self._header(idx, DEADLINE_HEADER), now_ms)
+                if deadline is not None and deadline <= now_ms:
+                    self.dropped["expired"] += 1
+                    raise expired(deadline, now_ms)
                 raw, params = split_request(row, self._header(idx, "content-type"))
                 params = parse_params(params, self.detector.defaults, self.detector.max_det_per_image)
                 items.append(params)
                 raws.append(raw)
+                deadlines.append(deadline)
             except RequestError as e:
                 items.append(e)
+        raws = self._in_time(items, raws, deadlines, now_ms)
         decoded = iter(self.detector.decode_batch(raws))
         return [self._paired(next(decoded), it) if isinstance(it, Params) else it for it in items]
+
+    def _in_time(self, items: list, raws: list[bytes], deadlines: list, now_ms: float) -> list[bytes]:
+        """Answer 504 (in ``items``) the rows that cannot finish before their deadlines if this
+        batch runs now; the bytes of the rows that run."""
+        cost = self.batch_cost.estimate
+        keep = can_finish(deadlines, now_ms, lambda k: cost(self.detector.bucket(k)))
+        if all(keep):
+            return raws
+        slots = [i for i, it in enumerate(items) if isinstance(it, Params)]
+        late = too_late(cost(self.detector.bucket(len(raws))))
+        for slot, ok in zip(slots, keep, strict=True):
+            if not ok:
+                items[slot] = late
+        self.dropped["late"] += keep.count(False)
+        return [raw for raw, ok in zip(raws, keep, strict=True) if ok]
 
     @staticmethod
     def _paired(image, params):
@@ -105,9 +137,7 @@ class EffDetHandler(BaseHandler):
     def postprocess(self, detections: torch.Tensor | None, items: list) -> list[dict]:
         good = [it for it in items if isinstance(it, tuple)]
         responses = (
-            self.detector.answers(
-                detections, [img.size for img, _ in good], [p for _, p in good]
-            )
+            self.detector.answers(detections, [img.size for img, _ in good], [p for _, p in good])
             if good
             else []
         )
@@ -160,7 +190,10 @@ class EffDetHandler(BaseHandler):
         t2 = time.perf_counter()
         answers = self.postprocess(detections, items)
         t3 = time.perf_counter()
-        self._metrics(context, t1 - t0, t2 - t1, t3 - t2, answers)
+        ran = sum(isinstance(it, tuple) for it in items)
+        if ran:  # what this batch cost, decode to JSON: the deadline check of the next ones
+            self.batch_cost.update(self.detector.bucket(ran), (t3 - t0) * 1000)
+        self._metrics(context, t1 - t0, t2 - t1, t3 - t2, answers, self.dropped)
         return answers
 
     def describe_card(self) -> dict:
@@ -204,7 +237,9 @@ class EffDetHandler(BaseHandler):
         return value is not None and value.strip().lower() == "true"
 
     @staticmethod
-    def _metrics(context, pre: float, inf: float, post: float, answers: list[dict]) -> None:
+    def _metrics(
+        context, pre: float, inf: float, post: float, answers: list[dict], dropped: dict | None = None
+    ) -> None:
         metrics = getattr(context, "metrics", None)
         if metrics is None:
             return
@@ -215,5 +250,8 @@ class EffDetHandler(BaseHandler):
             for a in answers:
                 if isinstance(a, dict) and "detections" in a:
                     metrics.add_counter("EffDetDetections", len(a["detections"]), None)
+            for why, count in (dropped or {}).items():  # rows answered 504 deadline_exceeded
+                if count:
+                    metrics.add_counter(f"EffDetDeadline{why.capitalize()}", count, None)
         except Exception:  # metrics must never fail a request
             logger.debug("metric emission failed", exc_info=True)

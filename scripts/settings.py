@@ -121,6 +121,9 @@ class ModelConfig:
     response_timeout: int = field(
         default=120, metadata={"help": "s a batch may take before TorchServe restarts its worker"}
     )
+    startup_timeout: int | None = field(
+        default=None, metadata={"help": "s a worker may take to load and warm up (default TorchServe's 120)"}
+    )
     device_type: str = field(default="cpu", metadata={"help": "where the workers run: cpu or gpu"})
     device_ids: tuple[int, ...] | None = field(
         default=None,
@@ -133,6 +136,8 @@ class ModelConfig:
         check_batch_size(self.batch_size)
         check_batch_delay(self.max_batch_delay)
         check_response_timeout(self.response_timeout)
+        if self.startup_timeout is not None:
+            int_in("startup_timeout (s)", self.startup_timeout, 1, MAX_RESPONSE_TIMEOUT_S)
         check_workers(self.min_workers)
         check_workers(self.max_workers)
         if self.min_workers > self.max_workers:
@@ -157,6 +162,7 @@ class ModelConfig:
             "minWorkers": self.min_workers,
             "maxWorkers": self.max_workers,
             "responseTimeout": self.response_timeout,
+            **({"startupTimeout": self.startup_timeout} if self.startup_timeout else {}),
             "deviceType": self.device_type,
             "handler": self.handler.to_yaml(),
         }

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import random
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +31,7 @@ from handler.decode import (
 )
 from handler.detector import Detector
 from handler.geometry import Geometry, fit_pixels, letterbox, letterbox_batch
-from tests.helpers import close_detections, count_matched, serving
+from tests.helpers import close_detections, count_matched
 from train.data import Record
 from train.datamodule import DetectionDataset
 from train.synthetic import as_photo, make_image
@@ -229,19 +228,28 @@ def test_validation_equals_serving_for_photos(exported, tmp_path):
 # -- served: answers and the worker's memory -------------------------------------------------------------
 
 
+PHOTO_MODEL = "photos"
+
+
 @pytest.fixture(scope="module")
-def photo_server(model_store, tmp_path_factory):
-    store = tmp_path_factory.mktemp("photos") / "model_store"
-    store.mkdir()
-    shutil.copy(model_store / "tiny.mar", store / "tiny.mar")
-    with serving(tmp_path_factory.mktemp("ts"), store, ["tiny=tiny.mar"]) as srv:
-        yield srv
+def photo_server(shared_server, exported, tmp_path_factory):
+    """The demo's export served as PHOTO_MODEL on the run's shared TorchServe (one worker)."""
+    from scripts.archive import archive
+    from scripts.settings import ModelConfig
+
+    with shared_server.lease(PHOTO_MODEL) as srv:
+        mar = archive(
+            exported, PHOTO_MODEL, "1.0", tmp_path_factory.mktemp("photos"), ModelConfig(batch_size=1)
+        )
+        r = srv.client().register(srv.add(mar), initial_workers=1)
+        assert r.status_code == 200, r.text
+        yield srv.server
 
 
 def _post(server, data: bytes, content_type: str) -> requests.Response:
     key = server.tokens()["inference"]
     return requests.post(
-        f"{server.inference_url}/predictions/tiny",
+        f"{server.inference_url}/predictions/{PHOTO_MODEL}",
         data=data,
         headers={"Authorization": f"Bearer {key}", "Content-Type": content_type},
         timeout=300,
@@ -251,7 +259,9 @@ def _post(server, data: bytes, content_type: str) -> requests.Response:
 def _worker(server) -> psutil.Process:
     key = server.tokens()["management"]
     r = requests.get(
-        f"{server.management_url}/models/tiny", headers={"Authorization": f"Bearer {key}"}, timeout=60
+        f"{server.management_url}/models/{PHOTO_MODEL}",
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=60,
     )
     [pid] = [w["pid"] for e in r.json() for w in e["workers"]]
     return psutil.Process(pid)
@@ -270,7 +280,7 @@ def peak_rise_mib(server, data: bytes, content_type: str) -> float:
     raise AssertionError("no VmHWM")
 
 
-@pytest.mark.slow
+@pytest.mark.server
 def test_served_photo_is_answered_as_in_process(photo_server, detector):
     """A 12 MP phone photo over HTTP: its own size in the answer, the in-process answer's boxes."""
     data = encode(photo((4032, 3024), seed=5), orientation=6)
@@ -284,7 +294,7 @@ def test_served_photo_is_answered_as_in_process(photo_server, detector):
     assert count_matched(got["detections"], want["detections"], same) >= 0.95 * len(want["detections"])
 
 
-@pytest.mark.slow
+@pytest.mark.server
 def test_served_worker_memory_of_40mp_images(photo_server):
     """One 40 MP image raises the served worker's peak RSS by what the network needs, not by the
     photo: a JPEG (decoded at 1/8) by at most 150 MB, a PNG (decoded whole, then box-reduced in

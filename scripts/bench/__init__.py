@@ -6,6 +6,7 @@
     python -m scripts.bench --stages post,fp16 --export runs/NAME/export    # any subset of the stages
     python -m scripts.bench --formats script,aoti         # TorchScript and AOTInductor side by side
     python -m scripts.bench --stages photos,photos_served,accuracy --image-sizes 640x480,4032x3024
+    python -m scripts.bench --stages overload             # goodput under overload, with deadlines
 
 One run, one model, one set of JPEG images; every figure is the median of repeats:
 
@@ -35,6 +36,10 @@ One run, one model, one set of JPEG images; every figure is the median of repeat
 8. ``accuracy`` the demo's held-out scenes upscaled to a phone's size (boxes scaled alike): mAP@.5
                against the originals' (within 0.01), and >= 99 % of a full decode's detections
                scoring >= 0.3 found by the reduced decode (same class, IoU >= 0.9).
+9. ``overload`` the demo's archive (batchSize 4, one worker) on its own TorchServe: capacity with
+               32 closed-loop clients, then 128 clients giving up after 2 s, with and without
+               X-Request-Deadline, then capacity again; goodput (answers within the deadline per
+               second) over capacity, statuses, answers the server never sent, worker restarts.
 
 A parity check that compared no rows fails the run: a check is only as good as what it saw.
 The JSON is written first (``runs/bench/bench-<stamp>.json``), then the table and ``.png``; the
@@ -46,7 +51,8 @@ Modules, runners apart from results: ``timing`` (repeats, syncs, percentiles), `
 (model, its network formats and images), ``parity`` (the comparisons, shared with tests/test_postprocess.py),
 ``photos`` (photo sizes, the served worker's memory, accuracy at phone size),
 ``stages`` (in-process stages), ``load`` (the closed loop: ``scripts.load.Traffic`` with a limit), ``served`` (TorchServe and
-the null handler), ``report`` (ratios, tables, plot: pure functions of the results), ``cli``."""
+the null handler), ``report`` (ratios, tables, plot: pure functions of the results), ``cli``;
+``overload`` (deadlines under overload)."""
 
 from scripts.bench.cli import FULL, QUICK, STAGES, main, network_info, parse_args, run
 from scripts.bench.load import ProcessCPU, aggregate, run_load

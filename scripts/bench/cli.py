@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from handler.network import DEFAULT_FORMAT, NETWORK_FORMATS
+from scripts.bench.overload import OVERLOAD_SETTING, bench_overload_served
 from scripts.bench.parity import BenchError
 from scripts.bench.photos import DEFAULT_SIZES, parse_sizes
 from scripts.bench.report import plot, ratio_lines, ratios, report
@@ -37,6 +38,7 @@ STAGES = (
     "photos",
     "photos_served",
     "accuracy",
+    "overload",
 )
 
 
@@ -49,6 +51,7 @@ FULL = {
     "requests": 64,
     "served_repeats": 3,
     "train_steps": 300,
+    "overload": (32, 128, 2.0, 30.0),
 }
 
 
@@ -61,11 +64,18 @@ QUICK = {
     "requests": 16,
     "served_repeats": 1,
     "train_steps": 150,
+    "overload": (8, 32, 1.0, 8.0),
 }
 
 
 def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.replace(" ", "").split(",") if x)
+
+
+def _overload(text: str) -> tuple[int, int, float, float]:
+    """``CAPACITY_CLIENTS:CLIENTS:DEADLINE_S:SECONDS`` -> the overload stage's point."""
+    cap, clients, deadline, seconds = text.replace(" ", "").split(":")
+    return int(cap), int(clients), float(deadline), float(seconds)
 
 
 def _configs(text: str) -> tuple[ServedSetting, ...]:
@@ -146,6 +156,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=_ints, help="client concurrencies (default 1,4,8)")
     p.add_argument("--requests", type=int, help="requests per served repeat (default 64)")
     p.add_argument("--served-repeats", type=int, help="repeats per served point (default 3)")
+    p.add_argument(
+        "--overload",
+        type=_overload,
+        help="overload stage: capacity clients:clients:deadline s:window s (default 32:128:2:30; quick 8:32:1:8)",
+    )
     p.add_argument("--images", type=int, help="distinct JPEG images (default: the largest batch)")
     p.add_argument("--image-side", type=int, default=640, help="longer side of the JPEG images in px")
     p.add_argument(
@@ -417,21 +432,34 @@ def run(a: argparse.Namespace, argv: list[str] | None = None) -> dict:
 
         results["accuracy"] = bench_accuracy(w, heldout(a.photo_data, out_dir, a.seed), progress)
 
+    def overload() -> None:
+        cap, clients, deadline, seconds = a.overload
+        results["overload"] = bench_overload_served(
+            w, a.name, OVERLOAD_SETTING, cap, clients, deadline, seconds, max(5.0, 3 * deadline), a.threads,
+            out_dir / "overload", progress,
+        )  # fmt: skip
+
+    # Every stage's runner, in STAGES order ("served" and "null" share one TorchServe run).
     runners = {
         "model": model,
         "effdet": effdet,
         "post": lambda: results.__setitem__("post", bench_post(w, a.batches, a.repeats, a.warmup, progress)),
         "handler": handler,
         "fp16": lambda: results.__setitem__("fp16", bench_fp16(w, progress)),
+        "served": served_and_null,
+        "null": served_and_null,
+        "photos": photos,
+        "photos_served": photos_served,
+        "accuracy": accuracy,
+        "overload": overload,
     }
-    for name in ("model", "effdet", "post", "handler", "fp16"):
-        if name in a.stages:
-            stage(name, runners[name])
-    if "served" in a.stages or "null" in a.stages:
-        stage("served", served_and_null)
-    for name, fn in (("photos", photos), ("photos_served", photos_served), ("accuracy", accuracy)):
-        if name in a.stages:
-            stage(name, fn)
+    assert set(runners) == set(STAGES), "every stage has a runner"
+    todo: dict = {}  # runner -> stage name, once each, in STAGES order
+    for name in (s for s in STAGES if s in a.stages):
+        todo.setdefault(runners[name], "served" if name == "null" else name)
+    for i, (fn, name) in enumerate(todo.items(), 1):
+        progress.position = f"{i}/{len(todo)} "
+        stage(name, fn)
     if failures:
         results["failures"] = failures
     meta["loadavg_end"] = _loadavg()

@@ -18,6 +18,7 @@ TARGET_HANDLER_OVER_640 = {(1920, 1080): 1.2, (4032, 3024): 1.5}
 TARGET_DECODE_LETTERBOX_SHARE_12MP = 0.30
 TARGET_SERVED_12MP_OVER_640 = 0.6
 TARGET_PEAK_RISE_MIB = {"jpeg_40mp": 150e6 / 2**20, "png_40mp": 627 / 2}
+TARGET_OVERLOAD_GOODPUT = 0.7  # goodput with deadlines over capacity, both measured in the run
 
 
 def ratios(results: dict) -> dict:
@@ -115,6 +116,13 @@ def ratios(results: dict) -> dict:
             }
         )
     targets += photo_targets(results)
+    over = results.get("overload")
+    out["overload_goodput_over_capacity"] = over["deadlines_over_capacity"] if over else None
+    out["overload_goodput_over_capacity_without_deadlines"] = (
+        over["no_deadlines_over_capacity"] if over else None
+    )
+    if over:
+        targets.append(overload_target(over))
     out["targets"] = targets
     if results.get("formats"):
         out["formats"] = format_ratios(results)
@@ -159,88 +167,117 @@ def photo_targets(results: dict) -> list[dict]:
     return out
 
 
-def photo_report(results: dict) -> list[str]:
-    """The photos and accuracy stages' tables."""
-    parts = []
-    photos = results.get("photos") or {}
-    if photos.get("handler"):
-        parts.append(
-            "\n7. photos: the handler in-process per image size (JPEG q90 photos), and the share of each of "
-            "its steps (timed apart); x first = handler time against the first size's\n"
-            + table(
-                (
-                    "size",
-                    "MP",
-                    "kB",
-                    "batch",
-                    "img/s",
-                    "ms/img",
-                    "x first",
-                    "decode",
-                    "letterbox",
-                    "network",
-                    "post",
-                    "answer",
-                ),
-                [
-                    (
-                        f"{r['size'][0]}x{r['size'][1]}",
-                        r["megapixels"],
-                        r["jpeg_kb"],
-                        r["batch"],
-                        r["images_per_s"],
-                        r["ms_per_image"],
-                        r["over_first"],
-                        *(
-                            f"{100 * r['shares'][k]:.0f} %"
-                            for k in ("decode", "letterbox", "network", "post", "answer")
-                        ),
-                    )
-                    for r in photos["handler"]
-                ],
-            )  # fmt: skip
+def photos_section(results: dict) -> list[tuple[str, str]]:
+    """The photos stage: the handler in-process per image size, with each step's share."""
+    rows = (results.get("photos") or {}).get("handler")
+    if not rows:
+        return []
+    title = ("photos: the handler in-process per image size (JPEG q90 photos), and the share of each of "
+             "its steps (timed apart); x first = handler time against the first size's")  # fmt: skip
+    body = table(
+        ("size", "MP", "kB", "batch", "img/s", "ms/img", "x first", "decode", "letterbox", "network", "post", "answer"),
+        [(f"{r['size'][0]}x{r['size'][1]}", r["megapixels"], r["jpeg_kb"], r["batch"], r["images_per_s"],
+          r["ms_per_image"], r["over_first"],
+          *(f"{100 * r['shares'][k]:.0f} %" for k in ("decode", "letterbox", "network", "post", "answer")))
+         for r in rows],
+    )  # fmt: skip
+    return [(title, body)]
+
+
+def photos_served_section(results: dict) -> list[tuple[str, str]]:
+    """The photos_served stage: img/s per image size over HTTP, and a worker's memory for one huge image."""
+    served = (results.get("photos") or {}).get("served")
+    if not served:
+        return []
+    title = (f"photos served over HTTP: batchSize {served['batch_size']}, maxBatchDelay "
+             f"{served['max_batch_delay']} ms, {served['workers']} worker(s), concurrency {served['concurrency']}")  # fmt: skip
+    body = table(
+        ("size", "img/s", "x first", "p50 ms", "p99 ms", "failed"),
+        [(f"{p['size'][0]}x{p['size'][1]}", p["throughput"], p.get("over_first"), p["p50_ms"], p["p99_ms"],
+          f"{p['failed']}/{p['requests']}") for p in served["points"]],
+    )  # fmt: skip
+    if served.get("memory"):
+        body += "\nserved worker's peak RSS rise (VmHWM, reset before) for one image: " + ", ".join(
+            f"{k} ({v['bytes'] / 1e6:.1f} MB) +{v['peak_rise_mib']:.0f} MiB"
+            for k, v in served["memory"].items()
         )
-    served = photos.get("served")
-    if served:
-        parts.append(
-            f"\n7. photos served over HTTP: batchSize {served['batch_size']}, maxBatchDelay "
-            f"{served['max_batch_delay']} ms, {served['workers']} worker(s), concurrency {served['concurrency']}\n"
-            + table(
-                ("size", "img/s", "x first", "p50 ms", "p99 ms", "failed"),
-                [
-                    (
-                        f"{p['size'][0]}x{p['size'][1]}",
-                        p["throughput"],
-                        p.get("over_first"),
-                        p["p50_ms"],
-                        p["p99_ms"],
-                        f"{p['failed']}/{p['requests']}",
-                    )
-                    for p in served["points"]
-                ],
-            )  # fmt: skip
-        )
-        if served.get("memory"):
-            parts.append(
-                "served worker's peak RSS rise (VmHWM, reset before) for one image: "
-                + ", ".join(
-                    f"{k} ({v['bytes'] / 1e6:.1f} MB) +{v['peak_rise_mib']:.0f} MiB"
-                    for k, v in served["memory"].items()
-                )  # fmt: skip
-            )
+    return [(title, body)]
+
+
+def accuracy_section(results: dict) -> list[tuple[str, str]]:
+    """The accuracy stage: mAP of held-out scenes at phone size, and agreement with a full decode."""
     acc = results.get("accuracy")
-    if acc:
-        parts.append(
-            f"\n8. accuracy at phone size: {acc['images']} held-out scenes upscaled to a longer side of "
-            f"{acc['photo_longer_side']} px (decoded pixels: {100 * acc['decoded_pixels_share']:.1f} % of a full decode)\n"
-            + table(
-                ("images", "mAP@.5", "mAP@[.5:.95]"),
-                [(k, acc["map50"][k], acc["map"][k]) for k in ("original", "photo", "full_decode")],
+    if not acc:
+        return []
+    title = (f"accuracy at phone size: {acc['images']} held-out scenes upscaled to a longer side of "
+             f"{acc['photo_longer_side']} px (decoded pixels: {100 * acc['decoded_pixels_share']:.1f} % of a full decode)")  # fmt: skip
+    body = (
+        table(("images", "mAP@.5", "mAP@[.5:.95]"),
+              [(k, acc["map50"][k], acc["map"][k]) for k in ("original", "photo", "full_decode")])
+        + f"\nphoto vs its full decode: {acc['matched']}/{acc['full_decode_detections']} detections scoring "
+        f">= {acc['min_score']} matched (same class, IoU >= {acc['min_iou']}): {100 * acc['agreement']:.2f} %"
+    )  # fmt: skip
+    return [(title, body)]
+
+
+def overload_target(over: dict) -> dict:
+    """Goodput under overload with deadlines >= TARGET_OVERLOAD_GOODPUT x capacity, with no 5xx
+    other than 503/504, no request left unanswered by the server and no worker restart."""
+    on = over["deadlines"]
+    clean = not on["faults"] and on.get("lost") == 0 and not over["worker_restarted"]
+    return {
+        "target": f"goodput at {on['clients']} clients with {on['deadline_s']:g} s deadlines >= "
+        f"{TARGET_OVERLOAD_GOODPUT} x capacity at {over['capacity_runs'][0]['clients']} clients",
+        "value": over["deadlines_over_capacity"],
+        "met": clean and over["deadlines_over_capacity"] >= TARGET_OVERLOAD_GOODPUT,
+        "note": f"{over['no_deadlines_over_capacity']:.2f}x without deadlines"
+        + (
+            ""
+            if clean
+            else f"; faults {on['faults']}, lost {on.get('lost')}, restarted {over['worker_restarted']}"
+        ),
+    }
+
+
+def overload_section(results: dict) -> list[tuple[str, str]]:
+    """The overload stage: capacity, then overload with and without deadlines, as the clients and the server saw it."""
+    over = results.get("overload")
+    if not over:
+        return []
+    rows = []
+    for label, p in (("capacity", over["capacity_runs"][0]), ("deadlines", over["deadlines"]),
+                     ("no deadlines", over["no_deadlines"]), ("capacity", over["capacity_runs"][-1])):  # fmt: skip
+        statuses = ", ".join(f"{k}: {v}" for k, v in p["statuses"].items())
+        rows.append(
+            (label, p["clients"], p["deadline_s"], p["goodput"], p["p50_ms"], p["p99_ms"], statuses,
+             p.get("unread_200"), p.get("lost"), p.get("workers_cpu_pct"), p.get("client_cpu_pct"))
+        )  # fmt: skip
+    headers = ("phase", "clients", "timeout s", "in time/s", "p50 ms", "p99 ms", "statuses in window",
+               "unread 200", "lost", "workers %cpu", "client %cpu")  # fmt: skip
+    title = (
+        f"overload: batchSize {over['batch_size']}, maxBatchDelay {over['max_batch_delay']} ms, "
+        f"{over['workers']} worker(s); closed-loop clients, each giving up after its timeout; phases in turn, "
+        f"{over['capacity_runs'][0]['window_s']:.0f} s windows after a warm-up"
+    )
+    lines = [
+        table(headers, rows),
+        f"capacity {over['capacity']:.1f}/s (spread {100 * (over['capacity_spread'] or 0):.0f} % between "
+        f"its two runs); goodput / capacity: {over['deadlines_over_capacity']:.2f}x with deadlines, "
+        f"{over['no_deadlines_over_capacity']:.2f}x without; worker restarted: {over['worker_restarted']}.",
+    ]
+    for label, p in (("deadlines", over["deadlines"]), ("no deadlines", over["no_deadlines"])):
+        if p.get("worker_cpu_over_capacity") is not None and p.get("in_time_per_worker_cpu_over_capacity"):
+            lines.append(
+                f"{label}: the worker had {p['worker_cpu_over_capacity']:.2f}x the CPU of the capacity runs, "
+                f"and each CPU-second of it bought {p['in_time_per_worker_cpu_over_capacity']:.2f}x their "
+                f"answers in time; the handler's 504s: {p.get('handler_504')}."
             )
-            + f"\nphoto vs its full decode: {acc['matched']}/{acc['full_decode_detections']} detections scoring "
-            f">= {acc['min_score']} matched (same class, IoU >= {acc['min_iou']}): {100 * acc['agreement']:.2f} %"
-        )
-    return parts
+    lines.append(
+        "in time = 200s within the timeout; unread 200 = answers the server computed and sent after their "
+        "client had left; lost = requests the server never answered (its access log against the requests "
+        "sent, after its queue drained); %cpu of one core in the window."
+    )
+    return [(title, "\n".join(lines))]
 
 
 def best_served_point(results: dict, fmt: str) -> dict | None:
@@ -312,6 +349,117 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _timing_section(key: str, title: str):
+    """A stage whose rows are (batch, img/s, ms/img, median_s)."""
+
+    def section(results: dict) -> list[tuple[str, str]]:
+        rows = results.get(key)
+        if rows is None:
+            return []
+        table_rows = [(r["batch"], r["images_per_s"], r["ms_per_image"], 1000 * r["median_s"]) for r in rows]
+        return [(title, table(("batch", "img/s", "ms/img", "ms/batch"), table_rows))]
+
+    return section
+
+
+def post_section(results: dict) -> list[tuple[str, str]]:
+    """The post stage: ours against effdet's post-processing on the same head outputs."""
+    rows = results.get("post")
+    if rows is None:
+        return []
+    title = ("post-processing alone on the same head outputs: ours vs effdet _post_process + _batch_detection; "
+             "identical rows: rows above the first exactly tied score, which must match, of all rows")  # fmt: skip
+    body = table(
+        ("batch", "ours ms", "effdet ms", "speedup", "ours ms @thr", "speedup @thr", "identical rows",
+         "max d score", "max d box px"),
+        [(r["batch"], r["ours_ms"], r["effdet_ms"], r["speedup"], r["ours_served_ms"], r["speedup_served"],
+          f"{r['compared_rows']}/{r['rows']}", r["max_score_diff"], r["max_box_diff_px"]) for r in rows],
+    )  # fmt: skip
+    return [(title, body)]
+
+
+def formats_section(results: dict) -> list[tuple[str, str]]:
+    """The network formats side by side (with --formats)."""
+    if not results.get("formats"):
+        return []
+    title = ("network formats side by side (in-process figures measured taking turns; x TorchScript = against "
+             "TorchScript in this run)")  # fmt: skip
+    body = table(
+        ("format", "MB", "compile s", "load s", "ceiling img/s", "x TorchScript", "handler img/s", "served img/s",
+         "x TorchScript", "served/ceiling", "p99/p50"),
+        [(fmt, r["mb"], r["compile_s"], r["load_s"], r["ceiling_images_per_s"], r["ceiling_over_torchscript"],
+          r["handler_best_images_per_s"], r["served_best_images_per_s"], r["served_best_over_torchscript"],
+          r["served_over_ceiling"], r["served_best_p99_over_p50"]) for fmt, r in format_ratios(results).items()],
+    )  # fmt: skip
+    return [(title, body)]
+
+
+def served_section(results: dict) -> list[tuple[str, str]]:
+    """The served stage: one table per served setting (and format)."""
+    out = []
+    for entry in results.get("served") or []:
+        rep = entry["reported"]
+        title = (f"served over HTTP{_tag(entry, ' ({})')}: batchSize {entry['batch_size']}, maxBatchDelay "
+                 f"{entry['max_batch_delay']} ms, {entry['workers']} worker(s) (server reports "
+                 f"{rep['batchSize']}/{rep['maxBatchDelay']}/{rep['workers']})")  # fmt: skip
+        body = table(
+            ("conc", "img/s", "p50 ms", "p90 ms", "p99 ms", "failed", "client %cpu", "java %cpu", "workers %cpu"),
+            [(p["concurrency"], p["throughput"], p["p50_ms"], p["p90_ms"], p["p99_ms"], f"{p['failed']}/{p['requests']}",
+              p["client_cpu_pct_of_core"], p.get("frontend_cpu_pct_of_core"), p.get("workers_cpu_pct_of_core"))
+             for p in entry["points"]],
+        )  # fmt: skip
+        out.append((title, body))
+    if out:
+        last_title, last_body = out[-1]
+        out[-1] = (last_title, last_body + "\n%cpu = CPU time over wall time in % of one core. client: the load "
+                   "generator (a Python client is GIL-bound near 100 %); java / workers: TorchServe's frontend "
+                   "and its worker processes.")  # fmt: skip
+    return out
+
+
+def null_section(results: dict) -> list[tuple[str, str]]:
+    """The null stage: TorchServe's frontend + IPC limit, with a handler that answers a constant."""
+    return [
+        (f"null handler (constant answer, no model): batchSize {e['batch_size']}, maxBatchDelay "
+         f"{e['max_batch_delay']} ms, {e['workers']} worker(s): the frontend + IPC limit",
+         table(("conc", "req/s", "p50 ms", "p99 ms", "failed"),
+               [(p["concurrency"], p["throughput"], p["p50_ms"], p["p99_ms"], f"{p['failed']}/{p['requests']}")
+                for p in e["points"]]))
+        for e in results.get("null_handler") or []
+    ]  # fmt: skip
+
+
+def fp16_section(results: dict) -> list[tuple[str, str]]:
+    """The fp16 stage: does fp16 find fp32's detections on this model."""
+    fp16 = results.get("fp16")
+    if not fp16:
+        return []
+    if "skipped" in fp16:
+        return [("fp16 vs fp32", f"skipped ({fp16['skipped']})")]
+    return [("fp16 vs fp32 on this model",
+             f"{fp16['matched']}/{fp16['fp32_detections']} fp32 detections scoring >= {fp16['min_score']} matched "
+             f"by fp16 (same class, IoU >= {fp16['min_iou']}): {100 * fp16['agreement']:.2f} %")]  # fmt: skip
+
+
+# The report's sections in the order of the run's stages; each numbered by its place among those present.
+SECTIONS = (
+    _timing_section("model", "model only: the network alone (the ceiling)"),
+    _timing_section(
+        "effdet", "effdet DetBenchPredict, eager, same weights (network + effdet post-processing)"
+    ),
+    post_section,
+    _timing_section("handler", "handler in-process: JPEG bytes in, JSON out"),
+    formats_section,
+    fp16_section,
+    served_section,
+    null_section,
+    photos_section,
+    photos_served_section,
+    accuracy_section,
+    overload_section,
+)
+
+
 def report(results: dict) -> str:
     """The tables of every stage that ran, in order (the ratios are ``ratio_lines``)."""
     meta = results["meta"]
@@ -323,156 +471,12 @@ def report(results: dict) -> str:
         f"{meta['model']['num_classes']} classes, {meta['model']['origin']}) from {meta['export_dir']}; "
         f"{meta['images']} JPEG images, longer side {meta['image_side']} px; median of {meta['repeats']} repeats",
     ]
-    titles = {
-        "model": "1. model only: TorchScript network (the ceiling)",
-        "effdet": "2. effdet DetBenchPredict, eager, same weights (network + effdet post-processing)",
-        "handler": "4. handler in-process: JPEG bytes in, JSON out",
-    }
-    for key in ("model", "effdet", "post", "handler"):
-        rows = results.get(key)
-        if rows is None:
-            continue
-        if key == "post":
-            parts.append(
-                "\n3. post-processing alone on the same head outputs: ours vs effdet "
-                "_post_process + _batch_detection; identical rows: rows above the first exactly tied score, "
-                "which must match, of all rows\n"
-                + table(
-                    (
-                        "batch",
-                        "ours ms",
-                        "effdet ms",
-                        "speedup",
-                        "ours ms @thr",
-                        "speedup @thr",
-                        "identical rows",
-                        "max d score",
-                        "max d box px",
-                    ),
-                    [
-                        (
-                            r["batch"],
-                            r["ours_ms"],
-                            r["effdet_ms"],
-                            r["speedup"],
-                            r["ours_served_ms"],
-                            r["speedup_served"],
-                            f"{r['compared_rows']}/{r['rows']}",
-                            r["max_score_diff"],
-                            r["max_box_diff_px"],
-                        )
-                        for r in rows
-                    ],
-                )
-            )
-            continue
-        table_rows = [(r["batch"], r["images_per_s"], r["ms_per_image"], 1000 * r["median_s"]) for r in rows]
-        parts.append(f"\n{titles[key]}\n" + table(("batch", "img/s", "ms/img", "ms/batch"), table_rows))
-    if results.get("formats"):
-        fr = format_ratios(results)
-        parts.append(
-            "\nnetwork formats side by side (in-process figures measured taking turns; x TorchScript = against "
-            "TorchScript in this run)\n"
-            + table(
-                (
-                    "format",
-                    "MB",
-                    "compile s",
-                    "load s",
-                    "ceiling img/s",
-                    "x TorchScript",
-                    "handler img/s",
-                    "served img/s",
-                    "x TorchScript",
-                    "served/ceiling",
-                    "p99/p50",
-                ),
-                [
-                    (
-                        fmt,
-                        r["mb"],
-                        r["compile_s"],
-                        r["load_s"],
-                        r["ceiling_images_per_s"],
-                        r["ceiling_over_torchscript"],
-                        r["handler_best_images_per_s"],
-                        r["served_best_images_per_s"],
-                        r["served_best_over_torchscript"],
-                        r["served_over_ceiling"],
-                        r["served_best_p99_over_p50"],
-                    )
-                    for fmt, r in fr.items()
-                ],
-            )  # fmt: skip
-        )
-    for entry in results.get("served") or []:
-        rep = entry["reported"]
-        rows = [
-            (
-                p["concurrency"],
-                p["throughput"],
-                p["p50_ms"],
-                p["p90_ms"],
-                p["p99_ms"],
-                f"{p['failed']}/{p['requests']}",
-                p["client_cpu_pct_of_core"],
-                p.get("frontend_cpu_pct_of_core"),
-                p.get("workers_cpu_pct_of_core"),
-            )
-            for p in entry["points"]
-        ]
-        parts.append(
-            f"\n5. served over HTTP{_tag(entry, ' ({})')}: batchSize {entry['batch_size']}, maxBatchDelay {entry['max_batch_delay']} ms, "
-            f"{entry['workers']} worker(s) (server reports {rep['batchSize']}/{rep['maxBatchDelay']}/{rep['workers']})\n"
-            + table(
-                (
-                    "conc",
-                    "img/s",
-                    "p50 ms",
-                    "p90 ms",
-                    "p99 ms",
-                    "failed",
-                    "client %cpu",
-                    "java %cpu",
-                    "workers %cpu",
-                ),
-                rows,
-            )
-        )
-    for entry in results.get("null_handler") or []:
-        parts.append(
-            f"\n6. null handler (constant answer, no model): batchSize {entry['batch_size']}, "
-            f"maxBatchDelay {entry['max_batch_delay']} ms, {entry['workers']} worker(s): the frontend + IPC limit\n"
-            + table(
-                ("conc", "req/s", "p50 ms", "p99 ms", "failed"),
-                [
-                    (
-                        p["concurrency"],
-                        p["throughput"],
-                        p["p50_ms"],
-                        p["p99_ms"],
-                        f"{p['failed']}/{p['requests']}",
-                    )
-                    for p in entry["points"]
-                ],
-            )
-        )
-    parts += photo_report(results)
-    fp16 = results.get("fp16")
-    if fp16:
-        if "skipped" in fp16:
-            parts.append(f"\nfp16 vs fp32: skipped ({fp16['skipped']})")
-        else:
-            parts.append(
-                f"\nfp16 vs fp32 on this model: {fp16['matched']}/{fp16['fp32_detections']} fp32 detections "
-                f"scoring >= {fp16['min_score']} matched by fp16 (same class, IoU >= {fp16['min_iou']}): "
-                f"{100 * fp16['agreement']:.2f} %"
-            )
-    if results.get("served"):
-        parts.append(
-            "%cpu = CPU time over wall time in % of one core. client: the load generator (a Python client is "
-            "GIL-bound near 100 %); java / workers: TorchServe's frontend and its worker processes."
-        )
+    number = 0
+    for section in SECTIONS:
+        tables = section(results)
+        if tables:
+            number += 1
+        parts += [f"\n{number}. {title}\n{body}" for title, body in tables]
     return "\n".join(parts)
 
 
@@ -494,6 +498,10 @@ def ratio_lines(r: dict) -> str:
     )
     lines.append(
         f"  p99 / p50             {_ratio(r.get('served_best_p99_over_p50'))} at the best served point"
+    )
+    lines.append(
+        f"  goodput / capacity    {_ratio(r.get('overload_goodput_over_capacity'))} under overload with deadlines"
+        f" ({_ratio(r.get('overload_goodput_over_capacity_without_deadlines'))} without)"
     )
     for fmt, f in (r.get("formats") or {}).items():
         if fmt != "torchscript":

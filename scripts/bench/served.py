@@ -95,7 +95,7 @@ def bench_served(
         ("model", f, setting, model_name(_named(name, f), setting)) for setting in configs for f in formats
     ]
     jobs += [("null", None, setting, model_name(NULL_NAME, setting)) for setting in null_configs]
-    progress.stage("5/5 served: archiving", len(jobs))
+    progress.stage("served: archiving", len(jobs))
     mars = {}
     for kind, f, setting, model in jobs:
         b, d, n = setting
@@ -117,7 +117,7 @@ def bench_served(
         mgmt = Client(server.inference_url, server.management_url, server.key_file)
         cpu = ProcessCPU(_server_pid(server))
         per_point = 1 + repeats
-        progress.stage("5/5 served", len(jobs) * len(concurrencies) * per_point)
+        progress.stage("served", len(jobs) * len(concurrencies) * per_point)
         for kind, f, setting, model in jobs:
             b, d, n = setting
             mar = mars[model]
@@ -171,7 +171,12 @@ NULL_NAME = "null"
 NULL_HANDLER = Path(__file__).with_name("null_handler.py")
 
 
-def served_config(setting: ServedSetting, cuda: bool, handler: HandlerConfig | None = None) -> ModelConfig:
+def served_config(
+    setting: ServedSetting,
+    cuda: bool,
+    handler: HandlerConfig | None = None,
+    startup_timeout: int | None = None,
+) -> ModelConfig:
     """The archive's model-config for one served setting (the model's and the null handler's alike)."""
     b, d, n = setting
     return ModelConfig(
@@ -179,6 +184,7 @@ def served_config(setting: ServedSetting, cuda: bool, handler: HandlerConfig | N
         max_batch_delay=d,
         min_workers=n,
         max_workers=n,
+        startup_timeout=startup_timeout,
         device_type="gpu" if cuda else "cpu",
         handler=handler or HandlerConfig(),
     )

@@ -32,7 +32,7 @@ def bench_models(
 ) -> dict[str, list[dict]]:
     """The network alone in each format, the formats taking turns call by call (a busy machine
     slows them alike): the ceiling of each, by format."""
-    progress.stage("1/5 model only", len(batches) * (repeats + warmup) * len(workloads))
+    progress.stage("model only", len(batches) * (repeats + warmup) * len(workloads))
     out: dict[str, list[dict]] = {fmt: [] for fmt in workloads}
     for b in batches:
         calls = {}
@@ -84,7 +84,7 @@ def bench_effdet(w: Workload, batches, repeats, warmup, progress: Progress) -> t
 
     model, parity = effdet_model(w)
     bench = DetBenchPredict(model).eval().to(w.device)  # anchors stay float32
-    progress.stage("2/5 effdet eager", len(batches) * (repeats + warmup))
+    progress.stage("effdet eager", len(batches) * (repeats + warmup))
     out = []
     for b in batches:
         x, img_scale, img_size = w.inputs[b]
@@ -111,7 +111,7 @@ def bench_post(w: Workload, batches, repeats, warmup, progress: Progress) -> lis
     cfg = w.cfg
     anchors = w.detector.anchors
     effdet_anchors = Anchors.from_config(OmegaConf.create(cfg)).boxes.to(w.device)
-    progress.stage("3/5 post-processing", len(batches) * 2 * (repeats + warmup))
+    progress.stage("post-processing", len(batches) * 2 * (repeats + warmup))
     out = []
     for b in batches:
         cls_out, box_out = w.heads[b]
@@ -235,7 +235,7 @@ def bench_handler(
 ) -> list[dict]:
     """JPEG bytes in, JSON text out, through EffDetHandler.handle as a TorchServe worker calls it."""
     handler, ctx = handler_and_context or make_handler(w, threads, decode)
-    progress.stage("4/5 handler in-process", len(batches) * (repeats + warmup))
+    progress.stage("handler in-process", len(batches) * (repeats + warmup))
     out = []
     for b in batches:
         rows = [{"body": img} for img in cycle(w.images, b)]

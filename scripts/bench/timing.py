@@ -20,9 +20,10 @@ class Progress:
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.t0 = time.monotonic()
         self.label, self.total, self.done = "", 0, 0
+        self.position = ""  # "2/5 ": the stage's place in the run, set by the runner
 
     def stage(self, label: str, total: int) -> None:
-        self.label, self.total, self.done = label, max(1, total), 0
+        self.label, self.total, self.done = self.position + label, max(1, total), 0
         self._draw("")
 
     def tick(self, note: str = "") -> None:

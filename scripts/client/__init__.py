@@ -9,7 +9,10 @@ Predictions are idempotent, so ``Client.predict`` retries one that a worker lost
 died.", 503, 502/504 from a proxy, a dropped connection, or no answer within ``timeout``) with
 backoff inside a total time budget. Every attempt carries its own ``X-Request-Id``; the handler
 echoes it, and an answer carrying another id (a stale answer on a keep-alive connection) is
-dropped with its connection and the prediction retried.
+dropped with its connection and the prediction retried. Every attempt also carries
+``X-Request-Deadline``, the Unix time in ms at which this attempt stops waiting (now + its
+timeout, from this host's clock): a server that cannot answer by then answers 504 at once
+instead of working for nobody (``handler.deadline``).
 
 Scaling without loss is ``scripts.client.scale``; the command line is ``python -m scripts.client``.
 Every value is checked (``scripts.settings``) before anything is sent.
@@ -29,6 +32,7 @@ from pathlib import Path
 
 import requests
 
+from handler.deadline import DEADLINE_HEADER
 from handler.request import REQUEST_ID_ECHO_HEADER, REQUEST_ID_HEADER
 from scripts.paths import SERVE_DIR
 from scripts.settings import check_name, check_register, check_workers
@@ -73,9 +77,17 @@ def transient(status: int, text: str) -> str | None:
     """Why an HTTP answer is worth another try (a lost batch, no worker now), or None."""
     if status == 507 or (status == 500 and "Worker died" in text):
         return f"{status} worker died"
+    if status == 504 and "deadline_exceeded" in text:
+        return "504 deadline exceeded"  # the attempt's own deadline: a new attempt gets a new one
     if status in (502, 503, 504):
         return f"{status} unavailable"
     return None
+
+
+def deadline_ms(timeout: float, now: float | None = None) -> int:
+    """The ``X-Request-Deadline`` of an attempt that waits ``timeout`` seconds from ``now``
+    (default: this host's clock, ``time.time()``): Unix milliseconds."""
+    return int(((time.time() if now is None else now) + timeout) * 1000)
 
 
 def answer_id(r: requests.Response) -> str | None:
@@ -100,7 +112,9 @@ class Client:
     ``timeout`` is how long one prediction attempt waits for its answer (a request lost in a
     stopped worker is never answered: this ends the wait, and the retry policy tries again);
     management calls wait up to ``management_timeout`` (synchronous registration starts workers).
-    Each thread gets its own HTTP session (keep-alive connections are per thread).
+    With ``deadlines`` each attempt tells the server when it stops waiting (``X-Request-Deadline``,
+    ``deadline_ms``); turn it off where this host's clock cannot be trusted to agree with the
+    server's. Each thread gets its own HTTP session (keep-alive connections are per thread).
     """
 
     def __init__(
@@ -111,6 +125,7 @@ class Client:
         timeout: float = 20,
         retry: RetryPolicy = RetryPolicy(),
         management_timeout: float = 300,
+        deadlines: bool = True,
     ):
         self.inference_url = inference_url.rstrip("/")
         self.management_url = management_url.rstrip("/")
@@ -120,6 +135,7 @@ class Client:
         self.timeout = timeout
         self.retry = retry
         self.management_timeout = management_timeout
+        self.deadlines = deadlines
         self._local = threading.local()
 
     @property
@@ -199,6 +215,8 @@ class Client:
 
     def post_once(self, path: str, image: bytes, fields: dict, rid: str, timeout: float) -> requests.Response:
         headers = {**self._inference, REQUEST_ID_HEADER: rid}
+        if self.deadlines:
+            headers[DEADLINE_HEADER] = str(deadline_ms(timeout))
         if fields:
             return self.session.post(
                 self.inference_url + path,

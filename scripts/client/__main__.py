@@ -29,7 +29,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--management-url", default="http://127.0.0.1:8081")
     p.add_argument("--key-file")
     p.add_argument(
-        "--timeout", type=float, default=20, help="seconds one prediction attempt waits (default 20)"
+        "--timeout",
+        type=float,
+        default=20,
+        help="seconds one prediction attempt waits (default 20), sent as its X-Request-Deadline",
+    )
+    p.add_argument(
+        "--no-deadline",
+        action="store_true",
+        help="send no X-Request-Deadline (when this host's clock may disagree with the server's)",
     )
     sub = p.add_subparsers(dest="cmd", required=True)
     pr = sub.add_parser("predict", help="send images, print JSON")
@@ -66,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     ur.add_argument("version", nargs="?")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    client = Client(a.inference_url, a.management_url, a.key_file, timeout=a.timeout)
+    client = Client(
+        a.inference_url, a.management_url, a.key_file, timeout=a.timeout, deadlines=not a.no_deadline
+    )
 
     try:
         if a.cmd == "predict":
