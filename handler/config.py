@@ -7,12 +7,40 @@ handler does not know is refused at load by name rather than ignored.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 
 from handler.decode import DEFAULT_MAX_PIXELS
 from handler.request import check_threshold
 
 PRECISIONS = ("fp32", "fp16")
+
+# The largest batchSize a worker takes: the top of the AOTInductor package's dynamic batch dimension
+# (export.aoti.MAX_BATCH), so every format serves it. Warm-up time and a worker's memory grow with the
+# batch; TorchServe accepts any batch_size at registration, so the handler refuses a larger one at load.
+MAX_BATCH_SIZE = 256
+# TorchServe restarts a worker that is not READY within the model's startupTimeout (model-config.yaml;
+# this is its default). Warming gets half of it, loading the model the other half.
+STARTUP_TIMEOUT_S = 120
+
+
+class BatchSizeRefused(RuntimeError):
+    """A batchSize the handler does not load with. A RuntimeError: TorchServe's worker then answers
+    the load with a 500 and logs the message on one line, rather than dying without an answer."""
+
+
+def check_batch_size(batch_size: int) -> int:
+    """``batch_size`` (TorchServe's batchSize for this model) if the handler serves it."""
+    if (
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, int)
+        or not 1 <= batch_size <= MAX_BATCH_SIZE
+    ):
+        raise BatchSizeRefused(
+            f"batchSize {batch_size!r} refused: the handler serves batches of 1..{MAX_BATCH_SIZE} (warm-up "
+            f"time and worker memory grow with the batch); register the model with batch_size <= {MAX_BATCH_SIZE}"
+        )
+    return batch_size
 
 
 @dataclass(frozen=True)
@@ -43,6 +71,13 @@ class HandlerConfig:
     channels_last: bool | None = field(
         default=None, metadata={"help": "channels_last memory format (default: on for CUDA, off on the CPU)"}
     )
+    warmup_seconds: float | None = field(
+        default=None,
+        metadata={
+            "help": "time budget of a worker's warm-up (default and at most: half the model's startupTimeout, "
+            "60 s with TorchServe's default); batches above the largest bucket it warmed run in chunks of it"
+        },
+    )
 
     def __post_init__(self) -> None:
         for name in ("score_threshold", "iou_threshold"):
@@ -62,6 +97,15 @@ class HandlerConfig:
             object.__setattr__(self, "batch_buckets", tuple(sorted(set(buckets))))
         if self.channels_last is not None and not isinstance(self.channels_last, bool):
             raise ValueError(f"channels_last must be true or false, got {self.channels_last!r}")
+        seconds = self.warmup_seconds
+        if seconds is not None:
+            if (
+                isinstance(seconds, bool)
+                or not isinstance(seconds, int | float)
+                or not 0 < seconds < math.inf
+            ):
+                raise ValueError(f"warmup_seconds must be a number > 0, got {seconds!r}")
+            object.__setattr__(self, "warmup_seconds", float(seconds))
 
     @classmethod
     def from_yaml(cls, section: dict | None) -> HandlerConfig:
@@ -73,6 +117,18 @@ class HandlerConfig:
         if section.get("batch_buckets") is not None:
             section["batch_buckets"] = tuple(section["batch_buckets"])
         return cls(**section)
+
+    def warmup_budget(self, startup_timeout=None) -> float:
+        """Seconds warming may take: half the model's ``startupTimeout`` (``model-config.yaml``, else
+        TorchServe's default), or ``warmup_seconds`` if that is less."""
+        if (
+            isinstance(startup_timeout, bool)
+            or not isinstance(startup_timeout, int | float)
+            or startup_timeout <= 0
+        ):
+            startup_timeout = STARTUP_TIMEOUT_S
+        half = startup_timeout / 2
+        return half if self.warmup_seconds is None else min(self.warmup_seconds, half)
 
     def to_yaml(self) -> dict:
         """The section as written into model-config.yaml: only the values that are set."""

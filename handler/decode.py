@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from PIL import (  # noqa: F401  (the plugins register the formats that FORMATS names)
+from PIL import (  # noqa: F401  (the plugins register the formats that IMAGE_FORMATS names)
     BmpImagePlugin,
     GifImagePlugin,
     Image,
@@ -44,8 +44,8 @@ Image.MAX_IMAGE_PIXELS = None
 # Ghostscript, PSD, ICO, SGI, ...); each is parser code a stranger could aim at, so the rest are
 # refused before any plugin sees the bytes. Phone JPEGs with several frames open as "MPO" through
 # the JPEG entry.
-FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "GIF", "TIFF")
-UNSUPPORTED = f"the body is not an image in a supported format ({', '.join(FORMATS)})"
+IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "WEBP", "GIF", "TIFF")
+UNSUPPORTED = f"the body is not an image in a supported format ({', '.join(IMAGE_FORMATS)})"
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 EXIF_ORIENTATION = 0x0112
@@ -165,14 +165,14 @@ def decode_pil(
     """Decode image bytes with PIL: EXIF orientation applied, first frame only, 8-bit RGB.
 
     With ``fit`` (the network's input (H, W)) the pixels are reduced as the module docstring says.
-    Only ``FORMATS`` are tried: anything else is ``415 not_an_image``, like bytes that are no image.
+    Only ``IMAGE_FORMATS`` are tried: anything else is ``415 not_an_image``, like bytes that are no image.
     """
     if not data:
         raise RequestError(400, "empty_body", "the request carried no image bytes")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            img = Image.open(io.BytesIO(data), formats=FORMATS)
+            img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
             check_pixels(img.size, max_pixels)
             img.seek(0)
             stored, scale = img.size, 1
@@ -320,7 +320,7 @@ def decode_images(
 def _cuda_jpeg_input(data: bytes, max_pixels: int) -> torch.Tensor | None:
     """The JPEG's bytes as a uint8 tensor if nvjpeg can decode it as PIL would, else None."""
     try:
-        header = Image.open(io.BytesIO(data), formats=FORMATS)
+        header = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except (UnidentifiedImageError, OSError) as e:
         raise RequestError(400, "invalid_image", f"the image could not be decoded: {e}") from None
     check_pixels(header.size, max_pixels)

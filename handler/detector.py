@@ -9,6 +9,7 @@ demo, the benchmark and the served-vs-local tests use it directly.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from handler.geometry import letterbox_batch
 from handler.network import load_network, network_format
 from handler.postprocess import AnchorConfig, detect, generate_anchors
 from handler.request import Params
+from handler.warmup import Cost, MemoryGauge, WarmUp, stop_before
 
 SCORE_DECIMALS = 5  # scores in responses are rounded to this many decimals
 
@@ -76,6 +78,9 @@ class Detector:
         self.buckets = tuple(sorted({int(b) for b in buckets}))
         if self.buckets and self.buckets[0] < 1:
             raise ValueError(f"bucket sizes must be >= 1, got {list(buckets)}")
+        # The most images one forward takes; larger batches run in chunks (None: any). Set by a
+        # warm-up that stopped short of the largest bucket, so serving runs only warmed shapes.
+        self.max_rows: int | None = None
         card = self.card
         self.num_classes = card.num_classes
         self.max_detection_points = card.max_detection_points
@@ -198,7 +203,20 @@ class Detector:
     def detect_tensors(
         self, images: Sequence[Decoded | torch.Tensor], iou_threshold=None, score_threshold=None
     ) -> torch.Tensor:
-        """Decoded (or uint8 tensor) images -> padded detections [B, max_det_per_image, 6]."""
+        """Decoded (or uint8 tensor) images -> padded detections [B, max_det_per_image, 6]; in chunks of
+        ``max_rows`` if set."""
+        step = self.max_rows
+        if step is not None and len(images) > step:
+            return torch.cat(
+                [
+                    self.detect_tensors(
+                        images[i : i + step],
+                        _rows(iou_threshold, i, step),
+                        _rows(score_threshold, i, step),
+                    )
+                    for i in range(0, len(images), step)
+                ]
+            )
         batch, img_scale, img_size = self.preprocess(images)
         cls_out, box_out = self.forward(batch)
         n = len(images)
@@ -272,12 +290,48 @@ class Detector:
             return from_pil(img, fit=self.geometry.size).to(self.device)  # shown as it is
         return as_decoded(img).to(self.device)
 
-    def warm_up(self, batch_sizes: Sequence[int] | None = None, passes: int | None = None) -> None:
+    def warm_up(
+        self,
+        batch_sizes: Sequence[int] | None = None,
+        passes: int | None = None,
+        budget_s: float | None = None,
+    ) -> WarmUp:
         """Run every batch size the network will see (default: each bucket, else 1) ``passes`` times
         (default 3 on CUDA, where the profiling executor fuses on the 2nd-3rd call, 2 on the CPU),
-        so that no real request pays for TorchScript's profiling and fusion."""
+        so that no real request pays for TorchScript's profiling and fusion.
+
+        With ``budget_s``, the sizes are warmed smallest first and warming stops before the next
+        one expected to pass the time budget or the memory free (``handler.warmup.stop_before``).
+        Buckets it did not warm are dropped, and batches above the largest warmed one run in chunks
+        of it (``max_rows``).
+        """
         img = torch.zeros((3, *self.geometry.size), dtype=torch.uint8, device=self.device)
         passes = passes if passes is not None else 3 if self.device.type == "cuda" else 2
-        for n in batch_sizes or self.buckets or (1,):
+        sizes = tuple(batch_sizes or self.buckets or (1,))
+        if budget_s is not None:
+            sizes = tuple(sorted(set(sizes)))
+        gauge = MemoryGauge(self.device) if budget_s is not None else None
+        t0 = time.perf_counter()
+        done: list[Cost] = []
+        reason = ""
+        for n in sizes:
+            if gauge is not None:
+                reason = stop_before(done, n, time.perf_counter() - t0, budget_s, gauge.free(), gauge.held())
+                if reason:
+                    break
+                gauge.begin_bucket()
+            t = time.perf_counter()
             for _ in range(passes):
                 self.detect_tensors([img] * n).cpu()
+            done.append(Cost(n, time.perf_counter() - t, gauge.peak() if gauge is not None else None))
+        warmed = tuple(c.size for c in done)
+        skipped = sizes[len(warmed) :]
+        if skipped and batch_sizes is None:
+            self.buckets = tuple(b for b in self.buckets if b <= warmed[-1])
+            self.max_rows = warmed[-1]
+        return WarmUp(warmed, skipped, reason, time.perf_counter() - t0)
+
+
+def _rows(value, start: int, step: int):
+    """A per-image parameter (a sequence) cut to a chunk's rows; one value for all stays as it is."""
+    return value[start : start + step] if isinstance(value, Sequence) else value

@@ -19,9 +19,9 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from handler.answer import ModelInfo
 from handler.card import ModelCard
-from handler.config import HandlerConfig
+from handler.config import BatchSizeRefused, HandlerConfig, check_batch_size
 from handler.deadline import DEADLINE_HEADER, BatchCost, can_finish, expired, parse_deadline, too_late
-from handler.decode import FORMATS, RequestError
+from handler.decode import IMAGE_FORMATS, RequestError
 from handler.detector import Detector, bucket_sizes
 from handler.request import REQUEST_ID_ECHO_HEADER, Params, header, parse_params, request_id, split_request
 
@@ -39,7 +39,10 @@ class EffDetHandler(BaseHandler):
     def initialize(self, context) -> None:
         props = context.system_properties
         model_dir = props.get("model_dir")
-        cfg = HandlerConfig.from_yaml((getattr(context, "model_yaml_config", None) or {}).get("handler"))
+        # Before anything is loaded: TorchServe takes any batch_size at registration.
+        batch_size = check_batch_size(int(props.get("batch_size") or 1))
+        yaml_config = getattr(context, "model_yaml_config", None) or {}
+        cfg = HandlerConfig.from_yaml(yaml_config.get("handler"))
         gpu_id = props.get("gpu_id")
         if torch.cuda.is_available() and gpu_id is not None:
             self.device = torch.device(f"cuda:{gpu_id}")
@@ -52,7 +55,6 @@ class EffDetHandler(BaseHandler):
         precision = cfg.precision if self.device.type == "cuda" else "fp32"
         # Every batch runs padded up to one of a few sizes, each warmed below: no batch size that
         # TorchServe forms makes TorchScript profile and fuse again while requests wait.
-        batch_size = int(props.get("batch_size") or 1)
         buckets = cfg.batch_buckets or bucket_sizes(batch_size)
         self.detector = Detector(
             os.path.join(model_dir, serialized),
@@ -65,14 +67,26 @@ class EffDetHandler(BaseHandler):
             channels_last=cfg.channels_last,
             buckets=[b for b in buckets if b <= batch_size] + [batch_size],
         )
+        compiled = getattr(self.detector.model, "max_batch", 0)  # an AOTInductor package's limit
+        if compiled and batch_size > compiled:
+            raise BatchSizeRefused(
+                f"batchSize {batch_size} refused: {serialized} was compiled for batches of 1..{compiled}; "
+                f"register the model with batch_size <= {compiled}"
+            )
         self.model_info = ModelInfo(
             context.manifest["model"].get("modelName", card.name),
             context.manifest["model"].get("modelVersion", "1.0"),
         )
-        self.detector.warm_up()
+        self._warm_up(cfg, yaml_config)
         self.context = context
         self.initialized = True
         logger.info("effdet handler ready on %s (%s), classes=%s", self.device, precision, list(card.classes))
+
+    def _warm_up(self, cfg: HandlerConfig, yaml_config: dict) -> None:
+        """Warm the buckets within half the model's startupTimeout (TorchServe restarts a worker that
+        is not READY by then) or ``warmup_seconds``; say in the model log what was left out."""
+        result = self.detector.warm_up(budget_s=cfg.warmup_budget(yaml_config.get("startupTimeout")))
+        (logger.warning if result.skipped else logger.info)("%s", result)
 
     def preprocess(self, data: list[dict]) -> list:
         """Each row -> (Decoded image, Params), the public card for a describe row, or the
@@ -215,7 +229,7 @@ class EffDetHandler(BaseHandler):
             "limits": {
                 "max_detections": self.detector.max_det_per_image,
                 "max_pixels": self.detector.max_pixels,
-                "formats": list(FORMATS),
+                "formats": list(IMAGE_FORMATS),
             },
             "device": self.device.type,
         }

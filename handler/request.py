@@ -90,6 +90,36 @@ def parse_params(raw: dict, defaults: Params, max_det_per_image: int) -> Params:
 FORM_URLENCODED = "application/x-www-form-urlencoded"
 
 
+def media_type(content_type: str | None) -> str:
+    """A Content-Type's media type, lower case, without parameters ("" when absent): media types
+    are case-insensitive (RFC 9110), so ``Application/JSON; charset=UTF-8`` is ``application/json``."""
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+def is_json(content_type: str | None) -> bool:
+    """``application/json`` or a structured ``+json`` type (``application/vnd.api+json``), any case.
+
+    TorchServe parses a body into JSON only for the exact spelling ``application/json``; for any
+    other it hands the handler bytes, which are parsed here."""
+    media = media_type(content_type)
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+# MIME base64 (RFC 2045) breaks lines at 76 characters, and ``base64`` prints it so by default;
+# these characters between the base64 ones are dropped. Anything else outside the alphabet is refused.
+BASE64_SPACE = re.compile(r"[ \t\r\n]+")
+
+
+def decode_base64(encoded: str) -> bytes:
+    """The image of a JSON body's ``image`` field: standard base64, padded, optionally as a
+    ``data:`` URL, with spaces and line breaks allowed between characters (MIME base64)."""
+    text = encoded.split(",", 1)[-1] if encoded.startswith("data:") else encoded
+    try:
+        return base64.b64decode(BASE64_SPACE.sub("", text), validate=True)
+    except (binascii.Error, ValueError):
+        raise RequestError(400, "invalid_base64", "the 'image' field is not valid base64") from None
+
+
 def split_request(row: dict, content_type: str | None = None) -> tuple[bytes, dict]:
     """Find the image bytes and the raw parameters in one TorchServe request row.
 
@@ -97,7 +127,7 @@ def split_request(row: dict, content_type: str | None = None) -> tuple[bytes, di
     sends unless told otherwise) has been split into text fields by TorchServe before it reaches
     the handler, so it cannot hold an image: refused whole, with a message that says how to send.
     """
-    if content_type and content_type.split(";", 1)[0].strip().lower() == FORM_URLENCODED:
+    if media_type(content_type) == FORM_URLENCODED:
         raise RequestError(
             415,
             "form_encoded",
@@ -115,6 +145,11 @@ def split_request(row: dict, content_type: str | None = None) -> tuple[bytes, di
         body = row
     if body is None:
         raise RequestError(400, "empty_body", "the request carried no image (raw body, form field 'data')")
+    if isinstance(body, bytes | bytearray) and "data" not in row and is_json(content_type):
+        try:
+            body = json.loads(bytes(body).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise RequestError(400, "invalid_json", "the body is not valid UTF-8 JSON") from None
     if isinstance(body, str):
         try:
             body = json.loads(body)
@@ -127,13 +162,7 @@ def split_request(row: dict, content_type: str | None = None) -> tuple[bytes, di
         encoded = body.get("image")
         if not isinstance(encoded, str) or not encoded:
             raise RequestError(400, "missing_image", "a JSON body needs an 'image' field holding base64")
-        try:
-            data = base64.b64decode(
-                encoded.split(",", 1)[-1] if encoded.startswith("data:") else encoded, validate=True
-            )
-        except (binascii.Error, ValueError):
-            raise RequestError(400, "invalid_base64", "the 'image' field is not valid base64") from None
-        return data, params
+        return decode_base64(encoded), params
     if isinstance(body, bytes | bytearray):
         return bytes(body), params
     raise RequestError(400, "invalid_body", f"unsupported request body of type {type(body).__name__}")

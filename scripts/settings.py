@@ -16,10 +16,11 @@ import re
 import typing
 from dataclasses import MISSING, dataclass, field, fields, replace
 
-from handler.config import PRECISIONS, HandlerConfig
+from handler.config import MAX_BATCH_SIZE, PRECISIONS, HandlerConfig
 
-MAX_WORKERS = 64  # per model version; each worker holds a copy of the model (~0.5 GB on CPU)
-MAX_BATCH_SIZE = 1024
+# Per model version, whatever the machine; each worker holds a copy of the model (~0.9 GB on CPU).
+# What a machine holds is checked against its cores, GPUs and memory by scripts.client.capacity.
+MAX_WORKERS = 64
 MAX_BATCH_DELAY_MS = 60_000
 MAX_RESPONSE_TIMEOUT_S = 3600
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")  # model names and versions; no "/", no ".."
@@ -65,7 +66,11 @@ def check_workers(value) -> int:
 
 
 def check_batch_size(value) -> int:
-    return int_in("batch_size", value, 1, MAX_BATCH_SIZE)
+    """The handler refuses a larger batchSize at load (``handler.config.MAX_BATCH_SIZE``)."""
+    over = isinstance(value, int) and value > MAX_BATCH_SIZE
+    return int_in(
+        "batch_size", value, 1, MAX_BATCH_SIZE, " (the handler refuses more at load)" if over else ""
+    )
 
 
 def check_batch_delay(value) -> int:

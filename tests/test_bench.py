@@ -10,9 +10,9 @@ the load generator runs against a stub HTTP server here, and against a real Torc
 from __future__ import annotations
 
 import io
-import re
 import json
 import math
+import re
 import statistics
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer

@@ -8,11 +8,14 @@ requests wait. Here the fixture model serves batches of every size 1..6 of real 
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
 from handler.detector import Detector, bucket_sizes
 from handler.geometry import letterbox_batch
+from handler.warmup import MIB, Cost, MemoryGauge, estimate, stop_before
 from tests.helpers import count_matched
 
 MAX_BATCH = 6
@@ -161,3 +164,67 @@ def test_channels_last_on_the_cpu_answers_alike(exported, plain, images):
     want = plain.detect_tensors(images[:3], score_threshold=0.0)
     for i in range(3):
         assert alike(got[i], want[i])
+
+
+# -- warm-up within a budget -------------------------------------------------------------------------
+def test_warm_up_estimates():
+    """Time scales with the batch from the last bucket; memory grows by the last two buckets' bytes
+    per image (scaled from the first alone); the smallest bucket is always warmed."""
+    one = [Cost(1, 2.0, 100)]
+    assert estimate(one, 2) == (4.0, 200)
+    two = [Cost(1, 2.0, 100), Cost(2, 3.0, 130)]
+    assert estimate(two, 4) == (6.0, 190)  # 130 + 30 per image x 2
+    assert estimate([Cost(1, 1.0), Cost(2, 2.0)], 3) == (3.0, None)
+    assert stop_before([], 256, 0.0, 0.001, 0, 0) is None
+    assert stop_before(two, 4, 1.0, 10.0, 10_000, 0) is None
+    why = stop_before(two, 4, 5.0, 10.0, None, None)
+    assert why == "it would take ~6.0 s after 5.0 s of the 10 s warm-up budget"
+    why = stop_before(two, 4, 0.0, 100.0, 300 * MIB, 0)
+    assert why is None  # 190 bytes
+    many = [Cost(1, 0.1, 400 * MIB), Cost(2, 0.2, 600 * MIB)]  # 200 MiB per image: ~1000 MiB at 4
+    assert stop_before(many, 4, 0.0, 100.0, 2000 * MIB, 100 * MIB) is None  # 900 MiB more <= 1000
+    assert stop_before(many, 4, 0.0, 100.0, 1600 * MIB, 100 * MIB) == (
+        "it would need ~900 MiB more, above 50% of the 1600 MiB free"
+    )
+
+
+def test_warm_up_stops_at_its_budget_and_serves_larger_batches_in_chunks(
+    exported, plain, images, monkeypatch
+):
+    """A budget too short for more than the smallest bucket: warming stops there (the batch that
+    once made a worker warm forever), the unwarmed buckets are dropped, and a batch of 8 runs as
+    forwards of the one warmed size only, with the answers of an unchunked batch."""
+    det = Detector(exported / "model.pt", buckets=bucket_sizes(MAX_BATCH))
+    t0 = time.perf_counter()
+    result = det.warm_up(budget_s=1e-6)
+    took = time.perf_counter() - t0
+    assert result.warmed == (1,) and result.skipped == (2, 3, 4, 6, 8)
+    assert "warm-up budget" in result.reason and took < 60, (result, took)
+    assert str(result).endswith("Batches above 1 run in chunks of 1")
+    assert det.buckets == (1,) and det.max_rows == 1
+    seen = _spy(det, monkeypatch)
+    got = det.detect_tensors(images[:5], [plain.defaults.iou_threshold] * 5, [0.0] * 5)
+    assert seen["forward"] == [1] * 5 and got.shape == (5, det.max_det_per_image, 6)
+    want = plain.detect_tensors(images[:5], score_threshold=0.0)
+    for i in range(5):
+        assert alike(got[i], want[i]), i
+
+
+def test_warm_up_within_budget_warms_everything(padded):
+    result = padded.warm_up(budget_s=600)
+    assert result.warmed == padded.buckets and not result.skipped and padded.max_rows is None
+    assert str(result).startswith("warmed batch buckets 1,2,3,4,6,8 in ")
+
+
+def test_memory_gauge_sees_a_peak():
+    """The CPU gauge reads this process's peak above its start (VmHWM, reset per bucket) and the
+    memory free: a 256 MiB tensor made and dropped in a bucket shows as that bucket's peak."""
+    gauge = MemoryGauge(torch.device("cpu"))
+    gauge.begin_bucket()
+    x = torch.ones(64 * MIB, dtype=torch.float32)  # 256 MiB, touched
+    del x
+    assert 200 * MIB < gauge.peak() < 2000 * MIB
+    assert gauge.held() < 200 * MIB
+    assert gauge.free() > 0
+    gauge.begin_bucket()
+    assert gauge.peak() < 200 * MIB  # the next bucket starts from what the process holds now

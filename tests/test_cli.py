@@ -18,6 +18,7 @@ import requests
 import yaml
 from PIL import Image
 
+from handler.config import MAX_BATCH_SIZE
 from scripts.paths import ROOT
 from scripts.serve import Server
 from train.data import check_records, load_coco
@@ -140,7 +141,9 @@ def test_archive_cli_names_what_is_missing(tmp_path, capsys):
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--batch-size", "-1"], "batch_size must be in [1, 1024], got -1"),
+        (["--batch-size", "-1"], f"batch_size must be in [1, {MAX_BATCH_SIZE}], got -1"),
+        (["--batch-size", str(MAX_BATCH_SIZE + 1)], "(the handler refuses more at load)"),
+        (["--warmup-seconds", "0"], "warmup_seconds must be a number > 0, got 0.0"),
         (["--max-batch-delay", "-5"], "max_batch_delay (ms) must be in [0, 60000], got -5"),
         (["--min-workers", "0"], "workers"),
         (["--min-workers", "3", "--max-workers", "2"], "min_workers 3 > max_workers 2"),

@@ -1,18 +1,31 @@
-"""The client's pure parts, no server: value checks before any management call, the twin-version
-scheme of scale-downs, which failures are retried, and the handler's request-id rule."""
+"""The client's pure parts, no server: value checks before any management call, worker counts
+against a machine's cores and memory, the twin-version scheme of scale-downs, which failures are
+retried, and the handler's request-id rule."""
 
 from __future__ import annotations
 
 import http.server
 import json
+import os
 import threading
 import time
 import zipfile
 
 import pytest
 
+from handler.config import MAX_BATCH_SIZE
 from handler.request import request_id, valid_request_id
 from scripts.client import Client, RetryPolicy, transient
+from scripts.client.capacity import (
+    DEFAULT_WORKER_BYTES,
+    GIB,
+    CapacityError,
+    Machine,
+    WorkerMemory,
+    check_fit,
+    is_loopback,
+    worker_memory,
+)
 from scripts.client.scale import MANIFEST, ScaleError, twin_of, write_twin
 from scripts.settings import (
     MAX_WORKERS,
@@ -66,6 +79,10 @@ def test_register_urls_refused(url):
         ({"batch_size": 0}, "batch_size"),
         ({"batch_size": -4}, "batch_size"),
         ({"batch_size": 5000}, "batch_size"),
+        (
+            {"batch_size": MAX_BATCH_SIZE + 1},
+            r"batch_size must be in \[1, 256\], got 257 \(the handler refuses",
+        ),
         ({"max_batch_delay": -1}, "max_batch_delay"),
         ({"max_batch_delay": 1.5}, "max_batch_delay"),
         ({"response_timeout": 0}, "response_timeout"),
@@ -80,6 +97,70 @@ def test_register_values_refused(kw, match):
             "response_timeout": None, **kw}  # fmt: skip
     with pytest.raises(InvalidArgument, match=match):
         check_register("tiny.mar", **args)
+
+
+# -- worker counts against the machine ----------------------------------------------------------------
+SMALL = Machine(cores=2, gpus=0, available=8 * GIB)  # this project's test machine, roughly
+PER_WORKER = WorkerMemory(int(0.9 * GIB), "measured")
+
+
+def test_cpu_workers_capped_per_core():
+    """Two CPU workers per core: 4 on 2 cores pass, 5 are refused with the figures (the raw API
+    once started up to 232 workers at once on such a machine)."""
+    check_fit("tiny", 4, 3, PER_WORKER, SMALL, on_gpu=False)
+    with pytest.raises(CapacityError) as e:
+        check_fit("tiny", 5, 1, PER_WORKER, SMALL, on_gpu=False)
+    assert str(e.value) == (
+        "5 workers for tiny refused: this machine has 2 CPU cores and CPU workers are capped at 2 per core (4); "
+        "pass --force (force=True) to send it anyway"
+    )
+    assert isinstance(e.value, InvalidArgument)  # the CLI's one error path
+
+
+def test_gpu_workers_capped_per_gpu():
+    gpus = Machine(cores=2, gpus=2, available=64 * GIB)
+    check_fit("tiny", 8, 8, PER_WORKER, gpus, on_gpu=True)  # 8 > 2 x 2 cores: GPU workers count GPUs
+    with pytest.raises(CapacityError, match=r"this machine has 2 GPU\(s\) .* capped at 4 per GPU \(8\)"):
+        check_fit("tiny", 9, 1, PER_WORKER, gpus, on_gpu=True)
+    with pytest.raises(CapacityError, match=r"0 GPU\(s\)"):  # GPU workers on a machine without any
+        check_fit("tiny", 1, 1, PER_WORKER, Machine(2, 0, 64 * GIB), on_gpu=True)
+
+
+def test_workers_refused_beyond_available_memory():
+    """The workers to start x one worker's memory against 80 % of what is available: the figures
+    are in the message; workers already running (adding 0) need nothing."""
+    big = Machine(cores=64, gpus=0, available=4 * GIB)
+    check_fit("tiny", 3, 3, PER_WORKER, big, on_gpu=False)  # 2.7 GiB <= 3.2 GiB
+    with pytest.raises(CapacityError) as e:
+        check_fit("tiny", 4, 4, PER_WORKER, big, on_gpu=False)
+    assert str(e.value) == (
+        "starting 4 workers for tiny refused: ~3.6 GiB (4 x 0.90 GiB per worker, measured) is above 80% of "
+        "the 4.0 GiB available on this machine; pass --force (force=True) to send it anyway"
+    )
+    check_fit("tiny", 4, 0, PER_WORKER, Machine(64, 0, 0), on_gpu=False)
+
+
+def test_worker_memory_measured_from_the_workers():
+    """A described worker's process RSS (this process stands in for one), else TorchServe's
+    memoryUsage, else the documented default."""
+    import psutil
+
+    me = {"workers": [{"pid": os.getpid(), "memoryUsage": 0}]}
+    got = worker_memory([me])
+    assert abs(got.bytes - psutil.Process().memory_info().rss) < 256 * 2**20
+    assert got.source == "the largest of the 1 running worker"
+    gone = {"workers": [{"pid": 2**22 + 1, "memoryUsage": 123456789}, {"pid": None, "memoryUsage": 5}]}
+    assert worker_memory([gone]) == WorkerMemory(123456789, "the largest of the 2 running workers")
+    assert worker_memory([{"workers": []}]).bytes == DEFAULT_WORKER_BYTES
+
+
+@pytest.mark.parametrize(
+    "url, local",
+    [("http://127.0.0.1:8081", True), ("http://localhost:8081", True), ("http://[::1]:8081", True),
+     ("http://127.0.0.5:1", True), ("http://10.0.0.2:8081", False), ("https://serve.example.com", False)],
+)  # fmt: skip
+def test_capacity_checked_only_for_a_server_on_this_machine(url, local):
+    assert is_loopback(url) is local
 
 
 def test_twin_names_toggle():

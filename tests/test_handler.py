@@ -35,6 +35,7 @@ from ts.model_loader import TsModelLoader
 from ts.protocol.otf_message_handler import PREDICT_MSG, retrieve_msg
 from ts.service import Service
 
+from handler.config import MAX_BATCH_SIZE, BatchSizeRefused, HandlerConfig
 from handler.detector import Detector, bucket_sizes
 from handler.effdet_handler import EffDetHandler
 from handler.request import REQUEST_ID_ECHO_HEADER, REQUEST_ID_HEADER, Params, valid_request_id
@@ -142,6 +143,9 @@ class Worker:
     def __init__(self, model_dir: Path, envelope: str | None = None):
         """``envelope``: a TorchServe request envelope by name (``kserve``), wrapped around the handler
         the way a worker started with ``TS_SERVICE_ENVELOPE`` wraps it (``TsModelLoader.load``)."""
+        manifest = MANIFEST
+        if (model_dir / "model-config.yaml").is_file():  # TorchServe hands its contents to the context
+            manifest = {"model": {**MANIFEST["model"], "configFile": "model-config.yaml"}}
         self.metrics = MetricsCacheYamlImpl(str(Path(ts.__file__).parent / "configs" / "metrics.yaml"))
         self.metrics.initialize_cache()
         self.metrics.model_name = MODEL_NAME
@@ -151,7 +155,7 @@ class Worker:
         if envelope is not None:
             entry = TsModelLoader()._load_default_envelope(envelope)(entry).handle
         self.service = Service(
-            MODEL_NAME, str(model_dir), MANIFEST, entry, None, 8, True, self.metrics
+            MODEL_NAME, str(model_dir), manifest, entry, None, 8, True, self.metrics
         )  # model_name, model_dir, manifest, entry_point, gpu, batch_size, limit_max_image_pixels, metrics
         self.service.set_cl_socket(None)
         self.handler.initialize(self.context)
@@ -205,6 +209,9 @@ def model_dir(exported, tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("model_dir")
     for name in ("model.pt", "model.json", "index_to_name.json"):
         shutil.copy(exported / name, d / name)
+    # Time to warm every bucket even on a busy machine: a warm-up cut short runs larger batches in
+    # chunks, whose numerics differ from one batch, and these tests compare answers exactly.
+    (d / "model-config.yaml").write_text("startupTimeout: 1200\n")
     return d
 
 
@@ -771,3 +778,85 @@ def test_kserve_lone_instance_gets_the_request_status(kserve, detector, images):
     [answer] = ok.body["predictions"]
     assert answer["request_id"] == rid
     assert without_id(answer) == expected(detector, [images["val1"]], [kserve.handler.detector.defaults])[0]
+
+
+def json_typed(payload, content_type: str) -> Req:
+    """A JSON body as the frontend hands it for ``content_type``: TorchServe's worker parses only the
+    exact spelling ``application/json`` into a dict; any other (``Application/JSON``, with a charset,
+    ``+json``) arrives as bytes."""
+    body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    return Req(body, content_type, headers={"Content-Type": content_type})
+
+
+def test_json_media_types_and_mime_base64(worker, detector, images):
+    """JSON bodies under any spelling of a JSON media type, and base64 with the line breaks and
+    spaces MIME base64 allows (what ``base64`` prints), answer as the canonical request does.
+    Catches a handler that compares media types case-sensitively (415 not_an_image for a valid
+    ``Application/JSON`` body) or refuses ``base64``'s default output."""
+    data = images["val0"]
+    b64 = base64.b64encode(data).decode()
+    mime = base64.encodebytes(data).decode()  # 76-character lines, "\n" after each
+    assert "\n" in mime.rstrip("\n")
+    accepted = [
+        json_req({"image": b64, **ALL}),  # the canonical form, parsed by TorchServe
+        json_typed({"image": b64, **ALL}, "Application/JSON"),
+        json_typed({"image": b64, **ALL}, "application/json; charset=UTF-8"),
+        json_typed({"image": b64, **ALL}, "APPLICATION/VND.EFFDET+JSON"),
+        json_req({"image": mime, **ALL}),
+        json_req({"image": mime.replace("\n", "\r\n"), **ALL}),
+        json_req({"image": " ".join(b64[i : i + 4] for i in range(0, len(b64), 4)) + "\t\n", **ALL}),
+        json_req({"image": "data:image/jpeg;base64," + mime, **ALL}),
+    ]
+    answers = worker.predict(accepted)
+    assert isinstance(worker.rows[0]["body"], dict) and isinstance(worker.rows[1]["body"], bytes | bytearray)
+    want = detector.predict([data] * len(accepted), score_threshold=0.0)
+    for i, (a, w) in enumerate(zip(answers, want, strict=True)):
+        assert a.status == 200, (i, a.body)
+        assert without_id(a.body) == {"model": a.body["model"], **w}, i
+
+    assert "+" in b64 or "/" in b64
+    assert len(data) % 3, "a length that needs padding"
+    refused = [
+        (json_req({"image": b64.replace("+", "-").replace("/", "_")}), 400, "invalid_base64"),  # URL-safe
+        (json_req({"image": b64.rstrip("=")}), 400, "invalid_base64"),  # padding cut
+        (json_req({"image": b64[:100] + "\f" + b64[100:]}), 400, "invalid_base64"),  # not MIME whitespace
+        (json_req({"image": b64[:100] + "\v" + b64[100:]}), 400, "invalid_base64"),
+        (json_req({"image": b64[:100] + "\u00a0" + b64[100:]}), 400, "invalid_base64"),
+        (json_req({"image": b64[:100] + "*" + b64[100:]}), 400, "invalid_base64"),
+        (json_typed(b'{"image": "' + b64[:50].encode(), "Application/JSON"), 400, "invalid_json"),
+        (json_typed(b'{"image": "\xff"}', "application/json; charset=utf-8"), 400, "invalid_json"),
+        (json_typed({"image": b64}, "application/jsonx"), 415, "not_an_image"),  # not a JSON type: bytes
+        (json_typed({"image": b64}, "image/jpeg"), 415, "not_an_image"),  # JSON under an image type
+    ]
+    answers = worker.predict([r for r, _, _ in refused] + [Req(data, "image/jpeg", query=ALL)])
+    for (req, status, code), a in zip(refused, answers, strict=False):
+        assert (a.status, a.body["error"]["code"]) == (status, code), (req.content_type, a.body)
+    assert answers[-1].status == 200  # the batch-mate
+
+
+def test_warm_up_budget():
+    """Half the model's startupTimeout (TorchServe restarts a worker not READY by then), 60 s with
+    TorchServe's default, or warmup_seconds when that is less."""
+    assert HandlerConfig().warmup_budget() == 60 == HandlerConfig().warmup_budget("x")
+    assert HandlerConfig().warmup_budget(600) == 300
+    assert HandlerConfig(warmup_seconds=5).warmup_budget(600) == 5
+    assert HandlerConfig(warmup_seconds=500).warmup_budget(600) == 300
+    for bad in (0, -1, float("inf"), float("nan"), True, "5"):
+        with pytest.raises(ValueError, match="warmup_seconds"):
+            HandlerConfig(warmup_seconds=bad)
+
+
+def test_batch_size_refused_at_load(model_dir):
+    """A batchSize above MAX_BATCH_SIZE (TorchServe registers any) is refused before the model is
+    loaded, as a RuntimeError: TorchServe's worker then answers the load with a 500 and logs the
+    message, where a worker once warmed batch buckets up to 100000 and never became READY."""
+    for size in (MAX_BATCH_SIZE + 1, 100_000):
+        handler = EffDetHandler()
+        service = Service(MODEL_NAME, str(model_dir), MANIFEST, None, None, size, True, None)
+        with pytest.raises(BatchSizeRefused) as e:
+            handler.initialize(service.context)
+        assert isinstance(e.value, RuntimeError) and not hasattr(handler, "detector")
+        assert str(e.value) == (
+            f"batchSize {size} refused: the handler serves batches of 1..{MAX_BATCH_SIZE} (warm-up time and "
+            f"worker memory grow with the batch); register the model with batch_size <= {MAX_BATCH_SIZE}"
+        )

@@ -11,7 +11,14 @@ config ``scripts.serve`` renders (``allowed_urls`` anchored to this store). The 
   its status and JSON error, every good request its in-process answer, and the worker is the same
   process after;
 - a 40 MP image one pixel wide: served, and the worker's peak RSS measured (SECURITY.md);
+- JSON bodies under any spelling of a JSON media type and MIME base64 (line breaks), next to
+  near-misses that stay refused;
 - registration URLs a management-key holder may try against ``allowed_urls``;
+- what a management-key holder or a sloppy operator can ask for: a batchSize of 100000 (refused
+  by the handler at load), a large batchSize with a short warm-up budget (warmed up to where the
+  budget ends, larger batches served in chunks), more workers than the machine holds (refused by
+  the client, with the figures, unless forced), and unregistering a version with requests in
+  flight (the client drains it first);
 - what answers without a token (``/api-description``, ``OPTIONS /``) and what gRPC answers to a
   bad request: TorchServe 0.12 behaviour that SECURITY.md documents, pinned so the page stays true.
 """
@@ -23,7 +30,11 @@ import io
 import json
 import re
 import shutil
+import subprocess
+import sys
 import threading
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,8 +44,16 @@ import pytest
 import requests
 from PIL import Image
 
-from handler.decode import FORMATS
+from handler.config import MAX_BATCH_SIZE, HandlerConfig
+from handler.decode import IMAGE_FORMATS
+from scripts.archive import archive
+from scripts.client import Client
+from scripts.client.capacity import GIB, WORKERS_PER_CORE, CapacityError, Machine
+from scripts.client.scale import scale, twin_of, write_twin
+from scripts.client.scale import unregister as drain_and_unregister
+from scripts.paths import ROOT
 from scripts.serve import Server, allowed_urls
+from scripts.settings import MAX_WORKERS, InvalidArgument, ModelConfig
 from tests.helpers import serving, starts_torchserve
 from tests.test_reliability import MINIMAL_PDF, SVG, assert_answer, error_json, png_claiming
 from tests.test_serving import _encode as encode
@@ -82,6 +101,19 @@ def worker_pids(server: Server, tokens: dict) -> list[int]:
     return sorted(w["pid"] for e in describe(server, tokens) for w in e["workers"])
 
 
+@pytest.fixture(scope="module")
+def client(server) -> Client:
+    return Client(server.inference_url, server.management_url, server.key_file, timeout=120)
+
+
+def model_log(server: Server) -> list[str]:
+    return (server.workdir / "logs" / "model_log.log").read_text(errors="replace").splitlines()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
 # -- requests ---------------------------------------------------------------------------------------
 @dataclass
 class Hostile:
@@ -95,6 +127,7 @@ class Hostile:
     status: int = 200
     code: str | None = None  # the error code for a 4xx
     good: bool = False  # a well-formed prediction: compared with the in-process answer
+    encode: Callable[[bytes], str] = b64  # how a "json" request writes its image
 
     def send(self, url: str, token: str) -> requests.Response:
         headers = {**bearer(token), **self.headers}
@@ -102,8 +135,10 @@ class Hostile:
             files = {"data": ("upload", self.body, "application/octet-stream")}
             return requests.post(url, files=files, data=self.params, headers=headers, timeout=120)
         if self.form == "json":
-            payload = {"image": base64.b64encode(self.body).decode(), **self.params}
-            return requests.post(url, json=payload, headers=headers, timeout=120)
+            payload = {"image": self.encode(self.body), **self.params}
+            if not any(k.lower() == "content-type" for k in headers):
+                headers["Content-Type"] = "application/json"
+            return requests.post(url, data=json.dumps(payload), headers=headers, timeout=120)
         return requests.post(url, data=self.body, headers=headers, timeout=120)
 
 
@@ -160,7 +195,32 @@ def hostile_cases(val: bytes) -> list[Hostile]:
         cases.append(Hostile(f"{name} body", data, headers={"Content-Type": "image/x-other"}, status=415,
                              code="not_an_image"))  # fmt: skip
     cases.append(Hostile("EPS as json", other_formats(base)["EPS"], "json", status=415, code="not_an_image"))
-    return cases
+    return cases + json_cases(val)
+
+
+def json_cases(val: bytes) -> list[Hostile]:
+    """JSON media types in any spelling and MIME base64 (what ``base64`` prints: 76-character lines)
+    are served; near-misses stay refused. TorchServe parses only ``application/json`` spelled so."""
+    mime = base64.encodebytes
+    bad64 = "invalid_base64"
+    return [
+        Hostile("Application/JSON", val, "json", dict(ALL), {"Content-Type": "Application/JSON"}, good=True),
+        Hostile("json; charset=UTF-8", val, "json", dict(ALL), {"Content-Type": "application/json; charset=UTF-8"},
+                good=True),
+        Hostile("+json type", val, "json", dict(ALL), {"Content-Type": "application/vnd.effdet+json"}, good=True),
+        Hostile("base64 with line breaks", val, "json", dict(ALL), good=True, encode=lambda b: mime(b).decode()),
+        Hostile("base64 with CRLF, Application/Json", val, "json", dict(ALL), {"Content-Type": "Application/Json"},
+                good=True, encode=lambda b: mime(b).decode().replace("\n", "\r\n")),
+        Hostile("url-safe base64", val, "json", status=400, code=bad64,
+                encode=lambda b: b64(b).replace("+", "-").replace("/", "_")),
+        Hostile("base64 without padding", val, "json", status=400, code=bad64, encode=lambda b: b64(b).rstrip("=")),
+        Hostile("base64 with a form feed", val, "json", status=400, code=bad64,
+                encode=lambda b: b64(b)[:64] + "\f" + b64(b)[64:]),
+        Hostile("Application/JSON, broken JSON", b'{"image": "abc', headers={"Content-Type": "Application/JSON"},
+                status=400, code="invalid_json"),
+        Hostile("application/jsonx body", json.dumps({"image": b64(val)}).encode(),
+                headers={"Content-Type": "application/jsonx"}, status=415, code="not_an_image"),
+    ]  # fmt: skip
 
 
 def good_cases(val_images: list[bytes]) -> list[Hostile]:
@@ -250,7 +310,7 @@ def test_describe_is_public_card(server, tokens, detector):
     assert set(meta) == CARD_KEYS
     assert meta["model"] == {"name": MODEL, "version": "1.0"}
     assert meta["classes"] == list(detector.card.classes)
-    assert meta["limits"]["formats"] == list(FORMATS)
+    assert meta["limits"]["formats"] == list(IMAGE_FORMATS)
     assert meta["defaults"]["max_detections"] == detector.max_det_per_image
     text = json.dumps(meta)
     for secret in (str(detector.card.provenance.get("dataset", "/")), "torch", "map"):
@@ -437,3 +497,175 @@ def test_unauthenticated_and_grpc_surface(server, tokens, val_images):
     assert code.name == "OK" and json.loads(body)["error"]["code"] == "not_an_image"
     code, body = grpc_predict(port, tokens["inference"], {"data": val_images[0], "score_threshold": b"0"})
     assert code.name == "OK" and json.loads(body)["detections"]
+
+
+# -- what a management-key holder or a sloppy operator can ask for ---------------------------------------
+def raw_register(server: Server, tokens: dict, **params) -> tuple[requests.Response, float]:
+    """TorchServe's own registration call, synchronous, and how long it took."""
+    t0 = time.monotonic()
+    r = requests.post(f"{server.management_url}/models", params={**params, "synchronous": "true"},
+                      headers=bearer(tokens["management"]), timeout=600)  # fmt: skip
+    return r, time.monotonic() - t0
+
+
+def test_huge_batch_size_refused_at_load(server, tokens, client):
+    """``batch_size=100000`` by the raw API (TorchServe registers it): the worker once warmed batch
+    buckets up to 100000, never got READY and was restarted forever. Now the handler refuses the
+    batchSize before loading anything, the synchronous registration fails at once, the model log
+    says why in one line, and the client refuses the value before sending it."""
+    with pytest.raises(InvalidArgument, match=rf"batch_size must be in \[1, {MAX_BATCH_SIZE}\], got 100000"):
+        client.register(f"{MODEL}.mar", model_name="huge", batch_size=100_000)
+    r, took = raw_register(server, tokens, url=f"{MODEL}.mar", model_name="huge", batch_size=100_000,
+                           initial_workers=1)  # fmt: skip
+    try:
+        assert r.status_code == 500, r.text
+        assert r.json()["message"] == "Failed to start workers for model huge version: 1.0"  # TorchServe's
+        why = f"batchSize 100000 refused: the handler serves batches of 1..{MAX_BATCH_SIZE}"
+        lines = [line for line in model_log(server) if why in line]
+        assert lines and "huge" in lines[0], lines
+        [entry] = describe(server, tokens, "huge")
+        assert entry["batchSize"] == 100_000 and not entry["workers"]
+    finally:
+        assert unregister(server, tokens, "huge") == 200
+    print(f"\nbatchSize 100000: registration answered 500 in {took:.1f} s; model log: {lines[0][-160:]}")
+
+
+def test_warm_up_budget_bounds_a_large_batch(server, tokens, client, store, exported, val_images, detector):
+    """An archive with the largest batchSize (256) and a 0.5 s warm-up budget: the worker warms the
+    smallest bucket (always) and stops, says so in the model log, gets READY, and serves a burst
+    of requests, which TorchServe batches, in chunks of the warmed size, each with its in-process
+    answer. Without the budget it would warm 16 buckets up to 256 images (~900 images, twice)."""
+    cfg = ModelConfig(
+        batch_size=MAX_BATCH_SIZE, max_batch_delay=200, handler=HandlerConfig(warmup_seconds=0.5)
+    )
+    mar = archive(exported, "wide", "1.0", store, cfg)
+    try:
+        r = client.register(mar.name, initial_workers=1)
+        assert r.status_code == 200, r.text
+        [entry] = describe(server, tokens, "wide")
+        assert entry["batchSize"] == MAX_BATCH_SIZE and entry["workers"][0]["status"] == "READY"
+        [line] = [line for line in model_log(server) if "wide_1.0" in line and "warmed batch buckets" in line]
+        assert "warmed batch buckets 1 in " in line and "warm-up budget" in line, line
+        assert line.endswith("Batches above 1 run in chunks of 1"), line
+        before = sum("wide_1.0" in x and "Backend received inference" in x for x in model_log(server))
+        cases = [Hostile(f"wide {i}", val_images[i % len(val_images)], "multipart", dict(ALL), good=True)
+                 for i in range(8)]  # fmt: skip
+        url = f"{server.inference_url}/predictions/wide"
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda c: c.send(url, tokens["inference"]), cases))
+        for case, a in zip(cases, answers, strict=True):
+            assert a.status_code == 200, a.text[:300]
+            # each image ran as a batch of one (the warmed size): exactly the in-process answer
+            assert {k: a.json()[k] for k in ("image", "detections")} == reference(case, detector), case.name
+        batches = (
+            sum("wide_1.0" in x and "Backend received inference" in x for x in model_log(server)) - before
+        )
+        print(f"\nwarm-up budget 0.5 s at batchSize {MAX_BATCH_SIZE}: {line.split(' - ')[-1][-200:]}; "
+              f"8 requests in {batches} batches")  # fmt: skip
+    finally:
+        unregister(server, tokens, "wide")
+        mar.unlink(missing_ok=True)
+
+
+def test_client_refuses_workers_the_machine_cannot_hold(server, tokens, client, store):
+    """``min_worker=1000`` by the raw API had 232 workers starting at once and took a 2-core machine
+    down (SECURITY.md; not reproduced here). The client's scale and register refuse counts above
+    the machine's cap or memory, with the figures, before anything is sent; the served model is as
+    before. The memory figure is the real worker's resident set."""
+    state = [(e["minWorkers"], [w["pid"] for w in e["workers"]]) for e in describe(server, tokens)]
+    # TorchServe caps nothing: the archive's maxWorkers is replaced by whatever a scale call sends
+    # (max_worker alone starts no worker: TorchServe starts up to min_worker)
+    assert describe(server, tokens)[0]["maxWorkers"] == 1
+    url, keys = f"{server.management_url}/models/{MODEL}", bearer(tokens["management"])
+    r = requests.put(url, params={"min_worker": 1, "max_worker": MAX_WORKERS, "synchronous": "true"},
+                     headers=keys, timeout=300)  # fmt: skip
+    try:
+        assert r.status_code == 200 and describe(server, tokens)[0]["maxWorkers"] == MAX_WORKERS, r.text
+    finally:
+        requests.put(
+            url, params={"min_worker": 1, "max_worker": 1, "synchronous": "true"}, headers=keys, timeout=300
+        )
+    cli = [sys.executable, "-m", "scripts.client", "--inference-url", server.inference_url,
+           "--management-url", server.management_url, "--key-file", str(server.key_file)]  # fmt: skip
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*cli, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+    out = run("scale", MODEL, "--workers", str(MAX_WORKERS), "--model-store", str(store))
+    assert out.returncode == 1 and out.stderr.startswith(f"error: {MAX_WORKERS} workers for {MODEL} refused")
+    assert "pass --force" in out.stderr, out.stderr
+    out = run("register", f"{MODEL}.mar", "--model-name", "many", "--initial-workers", str(MAX_WORKERS))
+    assert out.returncode == 1 and "refused" in out.stderr and "pass --force" in out.stderr, out.stderr
+    out = run("register", f"{MODEL}.mar", "--model-name", "many", "--batch-size", "100000")
+    assert out.returncode == 1 and f"batch_size must be in [1, {MAX_BATCH_SIZE}], got 100000" in out.stderr
+
+    try:
+        client.machine = Machine(cores=1, gpus=0, available=64 * GIB)  # a one-core machine
+        with pytest.raises(CapacityError) as e:
+            scale(client, MODEL, WORKERS_PER_CORE + 1, store)
+        assert str(e.value).startswith(
+            f"{WORKERS_PER_CORE + 1} workers for {MODEL} refused: this machine has 1 CPU cores and CPU workers "
+            f"are capped at {WORKERS_PER_CORE} per core ({WORKERS_PER_CORE})"
+        )
+        client.machine = Machine(cores=64, gpus=0, available=GIB)  # many cores, 1 GiB free
+        [pid] = worker_pids(server, tokens)
+        rss = psutil.Process(pid).memory_info().rss
+        with pytest.raises(CapacityError) as e:
+            scale(client, MODEL, 2, store)
+        assert f"starting 1 worker for {MODEL} refused: ~{rss / GIB:.1f} GiB" in str(e.value), e.value
+        assert "the largest of the 1 running worker) is above 80% of the 1.0 GiB available" in str(e.value)
+    finally:
+        client.machine = None
+    assert [(e["minWorkers"], [w["pid"] for w in e["workers"]]) for e in describe(server, tokens)] == state
+    assert "many" not in {m["modelName"] for m in requests.get(
+        f"{server.management_url}/models", headers=bearer(tokens["management"]), timeout=30).json()["models"]}  # fmt: skip
+
+
+def test_unregister_drains_in_flight_requests(server, tokens, client, store, val_images):
+    """TorchServe's unregister leaves a version's queued and running requests unanswered until their
+    clients time out (8 of 8 in the measurement). ``scripts.client unregister`` drains the version
+    first: 16 requests in flight to a second version all get 200, then it is gone. Its refusals:
+    the default version while another exists (TorchServe's 403) and, unless forced, workers the
+    machine has no memory for."""
+    version, twin_file = twin_of("1.0", f"{MODEL}.mar")
+    write_twin(store / f"{MODEL}.mar", store / twin_file, version)
+    try:
+        client.machine = Machine(cores=64, gpus=0, available=GIB // 2)
+        with pytest.raises(CapacityError, match="GiB available on this machine; pass --force"):
+            client.register(twin_file, model_name=MODEL, initial_workers=1)
+        r = client.register(twin_file, model_name=MODEL, initial_workers=1, force=True)
+        client.machine = None
+        assert r.status_code == 200, r.text
+        out = subprocess.run([sys.executable, "-m", "scripts.client", "--inference-url", server.inference_url,
+                              "--management-url", server.management_url, "--key-file", str(server.key_file),
+                              "unregister", MODEL], cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert out.returncode == 1 and "1.0 is the default version of tiny" in out.stderr, out.stderr
+        [twin] = client.describe(MODEL, version)
+        twin_pids = {w["pid"] for w in twin["workers"]}
+
+        url = f"{server.inference_url}/predictions/{MODEL}/{version}"
+        case = Hostile("in flight", val_images[0], "multipart", dict(ALL))
+        with ThreadPoolExecutor(16) as pool:
+            futures = [pool.submit(case.send, url, tokens["inference"]) for _ in range(16)]
+            deadline, pending = time.monotonic() + 30, 0
+            while not pending and time.monotonic() < deadline:
+                pending = client.describe(MODEL, version)[0]["jobQueueStatus"]["pendingRequests"]
+            assert pending > 0, "no request was queued: nothing to drain"
+            t0 = time.monotonic()
+            result = drain_and_unregister(client, MODEL, version)
+            took = time.monotonic() - t0
+            answers = [f.result(timeout=120) for f in futures]
+        assert [a.status_code for a in answers] == [200] * 16, [a.text[:200] for a in answers]
+        assert result["version"] == version and "unregistered" in result["status"].lower(), result
+        assert [e["modelVersion"] for e in client.describe(MODEL)] == ["1.0"]
+        deadline = time.monotonic() + 30
+        while any(psutil.pid_exists(p) for p in twin_pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(psutil.pid_exists(p) for p in twin_pids), "the unregistered version's worker lives on"
+        print(f"\nunregister with {pending} queued of 16 in flight: drained and unregistered in {took:.1f} s "
+              f"(grace {result['grace_seconds']} s), 16 of 16 answered 200")  # fmt: skip
+    finally:
+        client.machine = None
+        if version in {e["modelVersion"] for e in client.describe(MODEL)}:
+            unregister(server, tokens, f"{MODEL}/{version}")
+        (store / twin_file).unlink(missing_ok=True)

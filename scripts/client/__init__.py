@@ -34,8 +34,9 @@ import requests
 
 from handler.deadline import DEADLINE_HEADER
 from handler.request import REQUEST_ID_ECHO_HEADER, REQUEST_ID_HEADER
+from scripts.client.capacity import Machine, check_workers_fit
 from scripts.paths import SERVE_DIR
-from scripts.settings import check_name, check_register, check_workers
+from scripts.settings import InvalidArgument, check_name, check_register, check_workers
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,9 @@ class Client:
         self.management_timeout = management_timeout
         self.deadlines = deadlines
         self._local = threading.local()
+        # The server's machine for worker-count checks (scripts.client.capacity); None: this
+        # machine, measured at each check. Set it to check against other figures.
+        self.machine: Machine | None = None
 
     @property
     def session(self) -> requests.Session:
@@ -250,12 +254,17 @@ class Client:
         max_batch_delay: int | None = None,
         initial_workers: int = 1,
         response_timeout: int | None = None,
+        force: bool = False,
     ) -> requests.Response:
-        """Register an archive from the model store by its file name (values checked first).
+        """Register an archive from the model store by its file name (values checked first, and
+        ``initial_workers`` against the machine's cores and memory unless ``force``:
+        ``scripts.client.capacity``).
 
         The archive's model-config.yaml wins over ``initial_workers`` when it sets minWorkers.
         """
         check_register(url, model_name, batch_size, max_batch_delay, initial_workers, response_timeout)
+        if not force:
+            check_workers_fit(self, model_name or url.removesuffix(".mar"), initial_workers, initial_workers)
         return self.manage(
             "POST",
             "/models",
@@ -270,7 +279,8 @@ class Client:
 
     def set_workers(self, model: str, workers: int, version: str | None = None) -> requests.Response:
         """TorchServe's own scale call (synchronous). Safe for scaling up; scaling down with it
-        kills the surplus workers with their batch in flight: use ``scale``."""
+        kills the surplus workers with their batch in flight, and nothing checks the count against
+        the machine here: use ``scale``."""
         check_name(model)
         check_workers(workers)
         if version is not None:
@@ -287,12 +297,34 @@ class Client:
         r.raise_for_status()
         return r.json()
 
+    def describe_all(self) -> list[dict]:
+        """The describe entry of every version of every registered model (but those registered
+        under names the client refuses, which its calls cannot address)."""
+        names, token = [], None
+        while True:
+            r = self.manage("GET", "/models", limit=100, next_page_token=token)
+            r.raise_for_status()
+            page = r.json()
+            names += [m["modelName"] for m in page.get("models", [])]
+            token = page.get("nextPageToken")
+            if not token:
+                break
+        entries = []
+        for name in names:
+            try:
+                entries += self.describe(name)
+            except InvalidArgument:
+                continue
+        return entries
+
     def set_default(self, model: str, version: str) -> requests.Response:
         check_name(model)
         check_name(version, "version")
         return self.manage("PUT", f"/models/{model}/{version}/set-default")
 
     def unregister(self, model: str, version: str | None = None) -> requests.Response:
+        """TorchServe's unregister: a version's queued and running requests are never answered
+        (TorchServe 0.12). ``scripts.client.scale.unregister`` drains the version first."""
         check_name(model)
         if version is not None:
             check_name(version, "version")

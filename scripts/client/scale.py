@@ -6,7 +6,9 @@
 Scaling up is TorchServe's scale call. Scaling down with it kills the surplus workers with their
 batch in flight (TorchServe 0.12, pytorch/serve #1101), so a scale-down registers a twin version
 of the same archive with the new worker count, makes it the default, drains the old version and
-only then unregisters it.
+only then unregisters it. Unregistering a version leaves its queued and running requests
+unanswered just the same, so ``unregister`` drains it first too. Worker counts are checked against
+the machine first (``scripts.client.capacity``), unless forced.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 import requests
 
 from scripts.client import Client
+from scripts.client.capacity import check_workers_fit
 from scripts.paths import MODEL_STORE
 from scripts.settings import (
     MAR_FILE,
@@ -54,24 +57,25 @@ def scale(
     model_store: str | Path | None = None,
     drain_timeout: float = 120,
     start_at_once: int | None = None,
+    force: bool = False,
 ) -> ScaleResult:
     """Give the default version of ``model`` ``workers`` workers without losing a request.
 
     Up (or equal): TorchServe's scale call; with ``start_at_once`` in steps of that many new
     workers (TorchServe starts new workers side by side, and on a small busy machine several
     at once can run past the model's startupTimeout while the old ones keep serving).
-    Down: see ``scale_down``.
+    Down: see ``scale_down``. Unless ``force``, the count is checked first against the machine's
+    cores and memory (up: the new workers; down: the twin's, which run beside the old ones a while).
     """
     check_name(model)
     check_workers(workers)
-    if not 0 < drain_timeout <= MAX_RESPONSE_TIMEOUT_S:
-        raise InvalidArgument(
-            f"drain_timeout must be in (0, {MAX_RESPONSE_TIMEOUT_S}] s, got {drain_timeout!r}"
-        )
+    check_drain_timeout(drain_timeout)
     t0 = time.monotonic()
     current = default_entry(client, model)
     before = max(current["minWorkers"], len(current["workers"]))
     version = current["modelVersion"]
+    if not force:
+        check_workers_fit(client, model, workers, workers - before if workers >= before else workers)
     if workers >= before:
         step = workers - before
         if start_at_once is not None:
@@ -127,6 +131,7 @@ def scale_down(
         max_batch_delay=current.get("maxBatchDelay"),
         initial_workers=workers,
         response_timeout=current.get("responseTimeout"),
+        force=True,  # checked by scale()
     )
     if not r.ok:
         if wrote and new_url.endswith(TWIN_FILE + ".mar"):
@@ -208,6 +213,52 @@ def drain(client: Client, model: str, version: str, timeout: float = 120, poll: 
         time.sleep(grace)
         if client.describe(model, version)[0]["jobQueueStatus"]["pendingRequests"] == 0:
             return grace
+
+
+def unregister(client: Client, model: str, version: str | None = None, drain_timeout: float = 120) -> dict:
+    """Unregister ``version`` of ``model`` (default: the default version) once it holds no request.
+
+    TorchServe's unregister leaves the version's queued and running requests unanswered until
+    their clients time out. So the version is drained first (``drain``); TorchServe refuses to
+    unregister the default version while others exist, which is refused here before any wait.
+    Requests sent to a version after its drain may still be caught: stop sending to the version
+    (another default, or no traffic to the model) before unregistering it. Returns TorchServe's
+    answer and the drain's grace in seconds.
+    """
+    check_name(model)
+    if version is not None:
+        check_name(version, "version")
+    check_drain_timeout(drain_timeout)
+    default = default_entry(client, model)["modelVersion"]
+    versions = [e["modelVersion"] for e in client.describe(model)]
+    version = version or default
+    if version not in versions:
+        raise ScaleError(f"{model} has no version {version} (registered: {', '.join(versions)})")
+    if version == default and len(versions) > 1:
+        raise ScaleError(
+            f"{version} is the default version of {model}: TorchServe unregisters it only as the last "
+            f"one; set another default first (python -m scripts.client set-default {model} VERSION)"
+        )
+    grace = drain(client, model, version, drain_timeout)
+    r = client.unregister(model, version)
+    if not r.ok:
+        raise ScaleError(f"unregistering drained {model} {version} failed: {r.status_code} {r.text.strip()}")
+    return {
+        "model": model,
+        "version": version,
+        "status": r.json().get("status"),
+        "grace_seconds": round(grace, 2),
+    }
+
+
+def check_drain_timeout(seconds) -> float:
+    if (
+        isinstance(seconds, bool)
+        or not isinstance(seconds, int | float)
+        or not 0 < seconds <= MAX_RESPONSE_TIMEOUT_S
+    ):
+        raise InvalidArgument(f"drain_timeout must be in (0, {MAX_RESPONSE_TIMEOUT_S}] s, got {seconds!r}")
+    return seconds
 
 
 def default_entry(client: Client, model: str) -> dict:
