@@ -189,6 +189,12 @@ MENTIONS = {
     "curl --data-binary @a.jpg": "the curl option the text warns about (test_hostile.py sends such requests)",
     "curl -T a.jpg": "the curl option the text recommends; deploy.md's walk-through runs it in full",
     "docker exec": "names docker's subcommand",
+    "python -m scripts.bench --stages overload": (
+        "names the stage the figures come from; docs/benchmarks.md's overload line runs it"
+    ),
+    "python -m scripts.client unregister NAME [VERSION]": (
+        "the subcommand's synopsis; test_hostile.py unregisters through it with 16 requests in flight"
+    ),
 }
 
 _FIXED_PORTS = (
@@ -202,10 +208,14 @@ _SERVE = (
 _DOCKER = "Docker: no Docker daemon here; tests/test_deploy.py parses the Dockerfile and its config"
 _GPU = "needs CUDA GPUs; the CPU paths of the same commands are run"
 _DDP = "needs 4 GPUs (and 2 nodes); DDP on the CPU with gloo runs in test_train.py"
-_AOTI_BENCH = (
+_FORMATS_BENCH = (
     "compiles an AOTInductor package from runs/effdet_demo's checkpoint (minutes); "
-    "test_export_aoti.py::test_bench_runs_both_formats_side_by_side runs --formats script,aoti "
-    "at tiny settings on the compiled fixture package"
+    "test_export_aoti.py::test_bench_runs_both_formats_side_by_side and "
+    "test_onnx.py::test_bench_runs_onnx_beside_torchscript run --formats at tiny settings on the fixture files"
+)
+_OFFLINE = (
+    "the offline wheel bundle: downloads from PyPI, then installs a second environment from it; "
+    "`make setup` (what CI runs) installs the same pins from the index"
 )
 NOT_RUN = {
     "make test": "the whole suite: CI runs it (.ci/run)",
@@ -239,14 +249,23 @@ NOT_RUN = {
     "--strategy ddp --num-nodes 2 --data ... --out runs/effdet_ddp": _DDP,
     "MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 NODE_RANK=1 python -m train --accelerator gpu --devices 4 "
     "--strategy ddp --num-nodes 2 --data ... --out runs/effdet_ddp": _DDP,
-    ".venv/bin/python -m scripts.bench --formats script,aoti": _AOTI_BENCH,
-    "python -m scripts.bench --formats script,aoti": _AOTI_BENCH,
-    "python -m scripts.bench --quick --threads 1 --image-size 128 --formats script,aoti": _AOTI_BENCH,
+    ".venv/bin/python -m scripts.bench --formats torchscript,aoti,onnx": _FORMATS_BENCH,
+    "python -m scripts.bench --formats torchscript,aoti,onnx": _FORMATS_BENCH,
+    "python -m scripts.bench --quick --threads 1 --image-size 128 --formats torchscript,aoti": _FORMATS_BENCH,
+    "bash scripts/gpu_check.sh seed": _GPU,
+    "bash scripts/gpu_check.sh served": _GPU,
+    "bash scripts/gpu_check.sh d0": _GPU,
+    "bash scripts/gpu_check.sh formats": _GPU,
+    "bash scripts/gpu_check.sh photos": _GPU,
+    'pip download -d wheels torch==2.14.1 torchvision==0.29.1 onnxruntime-gpu ".[dev]"': _OFFLINE,
+    "python3 -m venv .venv && .venv/bin/pip install --no-index --find-links wheels torch==2.14.1 torchvision==0.29.1": _OFFLINE,
+    '.venv/bin/pip install --no-index --find-links wheels -e ".[dev]"': _OFFLINE,
 }  # fmt: skip
 
 
-def _aoti(c: Command) -> bool:
-    return "aoti" in c.text
+def _format(name: str) -> Callable[[Command], bool]:
+    """Export, archive and measure lines of another network format than TorchScript."""
+    return lambda c: c.module in ("export", "scripts.archive", "export.measure") and name in c.text
 
 
 # The shell definitions deploy.md's curl lines use (the key file, key(), the two headers).
@@ -261,7 +280,8 @@ def _curl(c: Command) -> bool:
 # command runs it. The tests read their commands from here (``commands_for``), so what a rule
 # takes is what its test runs.
 RULES: list[tuple[str, str, Callable[[Command], bool]]] = [
-    ("aoti", "test_docs.py::test_aoti_commands_run", lambda c: c.module in ("export", "scripts.archive", "export.measure") and _aoti(c)),
+    ("aoti", "test_docs.py::test_format_commands_run[aoti]", _format("aoti")),
+    ("onnx", "test_docs.py::test_format_commands_run[onnx]", _format("onnx")),
     ("synthetic", "test_docs.py::test_synthetic_data_command_runs", lambda c: c.module == "train.synthetic"),
     ("train", "test_docs.py::test_training_commands_run", lambda c: c.module == "train"),
     ("export", "test_docs.py::test_export_commands_run", lambda c: c.module == "export"),

@@ -469,7 +469,8 @@ def test_null_handler_point_sets_the_limit_and_fp16_agreement_is_a_target():
 def test_arguments_quick_defaults_and_refusals():
     a = bench.parse_args(["--quick"])
     assert a.batches == bench.QUICK["batches"] and a.repeats == bench.QUICK["repeats"]
-    assert a.stages == bench.STAGES and a.images >= max(a.batches)
+    assert a.stages == bench.DEFAULT_STAGES and a.images >= max(a.batches)
+    assert bench.parse_args(["--stages", "all"]).stages == bench.STAGES
     a = bench.parse_args(["--configs", "1:0:1,8:20:2", "--concurrency", "1,16", "--stages", "post"])
     assert a.configs == ((1, 0, 1), (8, 20, 2)) and a.concurrency == (1, 16) and a.stages == ("post",)
     assert bench.parse_args([]).batches == (1, 8, 32)

@@ -88,7 +88,7 @@ def test_export_cli_default_method(trained_run, tmp_path):
     out = tmp_path / "export"
     r = run("-m", "export", str(trained_run / "best.ckpt"), "--out", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
-    assert f"[export] script: {out / 'model.pt'}" in r.stdout
+    assert f"[export] TorchScript, script: {out / 'model.pt'}" in r.stdout
     assert "[export] parity vs eager effdet: max |diff| = " in r.stdout
     assert sorted(p.name for p in out.iterdir()) == ["index_to_name.json", "model.json", "model.pt"]
     card = json.loads((out / "model.json").read_text())

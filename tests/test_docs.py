@@ -20,6 +20,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import time
 import zipfile
 from pathlib import Path
 
@@ -27,6 +28,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from handler.network import NETWORK_FORMATS
 from scripts.paths import ROOT
 from tests import helpers
 from tests.doc_commands import (
@@ -60,6 +62,7 @@ def test_every_documented_command_is_run_or_listed():
     assert not stale, f"listed in tests/doc_commands.py but shown in no document: {stale}"
     for _name, test, _takes in RULES:
         module, _, function = test.partition("::")
+        function = function.partition("[")[0]  # a parametrized test's id
         path = Path(__file__).with_name(module)
         assert re.search(rf"^def {function}\(", path.read_text(), re.M), f"rule names {test}, which is gone"
     unused = [name for name, _, _ in RULES if not commands_for(name)]
@@ -314,7 +317,7 @@ def test_export_commands_run(run_dir, tmp_path, monkeypatch, capsys):
         method = "trace" if "trace" in c.argv else "script"
         assert card["method"] == method and card["frozen"] == ("--freeze" in c.argv), c
         assert card["parity"]["max_abs_diff"] <= card["parity"]["tolerance"], c
-        assert f"[export] {method}" in out, c
+        assert f"[export] TorchScript, {method}" in out, c
         shutil.rmtree(export)
 
 
@@ -339,7 +342,7 @@ def check_archive(c: Command, store: Path, out: str) -> None:
     with zipfile.ZipFile(mar) as z:
         cfg = yaml.safe_load(z.read("model-config.yaml"))
         manifest = json.loads(z.read("MAR-INF/MANIFEST.json"))["model"]
-    model_file = {p.name for p in (Path(c.argv[0])).iterdir()} & {"model.pt", "model.pt2"}
+    model_file = {p.name for p in (Path(c.argv[0])).iterdir()} & {f.file for f in NETWORK_FORMATS.values()}
     assert manifest["serializedFile"] in model_file, c
     expect = {"--version": (manifest["modelVersion"], str), "--batch-size": (cfg["batchSize"], int),
               "--max-batch-delay": (cfg["maxBatchDelay"], int), "--min-workers": (cfg["minWorkers"], int),
@@ -351,25 +354,30 @@ def check_archive(c: Command, store: Path, out: str) -> None:
 
 
 @pytest.mark.timeout(600)
-def test_aoti_commands_run(aoti_run, exported, tmp_path, monkeypatch, capsys):
-    """The AOTInductor lines: the export line is the one conftest's ``aoti_run`` ran (the real CLI
-    in a fresh interpreter, on the shared run's checkpoint); the archive line packages its
-    model.pt2; ``export.measure`` compares both files (one batch, one short round)."""
-    from tests.conftest import AOTI_ARGV
+@pytest.mark.parametrize("fmt", ["aoti", "onnx"])
+def test_format_commands_run(fmt, exported, tmp_path, monkeypatch, capsys, request):
+    """The AOTInductor and ONNX lines: the export line is the one conftest's ``aoti_run`` /
+    ``onnx_run`` ran (the real CLI in a fresh interpreter, on the shared run's checkpoint); the
+    archive lines package its file; ``export.measure`` compares the files it names (one batch, one
+    short round)."""
+    from handler.network import NETWORK_FORMATS
+    from tests.conftest import AOTI_ARGV, ONNX_ARGV
 
-    aoti_dir, stdout = aoti_run
-    cases = commands_for("aoti")
+    fmt_dir, stdout = request.getfixturevalue(f"{fmt}_run")
+    argv = {"aoti": AOTI_ARGV, "onnx": ONNX_ARGV}[fmt]
+    network = NETWORK_FORMATS[fmt]
+    cases = commands_for(fmt)
     by_module = {
         m: [c for c in cases if c.module == m] for m in ("export", "scripts.archive", "export.measure")
     }
-    assert all(by_module.values()), cases
+    assert by_module["export"], cases
     for c in by_module["export"]:
-        assert c.argv == AOTI_ARGV, f"{c}: conftest's aoti_run runs another line"
-    assert (aoti_dir / "model.pt2").is_file() and "AOTInductor" in stdout
+        assert c.argv == argv, f"{c}: conftest's {fmt}_run runs another line"
+    assert (fmt_dir / network.file).is_file() and network.title in stdout
     run = tmp_path / "runs" / "NAME"
     run.mkdir(parents=True)
     (run / "export").symlink_to(exported)
-    (run / "export_aoti").symlink_to(aoti_dir)
+    (run / fmt_dir.name).symlink_to(fmt_dir)
     monkeypatch.chdir(tmp_path)
     for i, c in enumerate(by_module["scripts.archive"]):
         store = tmp_path / f"store{i}"
@@ -413,19 +421,25 @@ def test_python_example_runs(exported, val_images, detector, tmp_path, monkeypat
 # check could compare). The served stages (TorchServe, the model's settings and the null handler's)
 # run for the line that names served settings; the other lines run the in-process stages.
 BENCH_TINY = ["--repeats", "1", "--warmup", "0", "--images", "2", "--image-side", "96", "--requests", "4",
-              "--served-repeats", "1", "--no-progress"]  # fmt: skip
-BENCH_SMALLER = {"--batches": "1,2", "--configs": "2:5:1", "--concurrency": "2"}
+              "--served-repeats", "1", "--no-progress", "--no-photo-memory", "--overload", "2:6:1:3"]  # fmt: skip
+# The overload point (capacity clients : clients : deadline s : window s) always shrinks; the photo
+# sizes and the photos' served setting unless named. The served worker's memory for 40 MP images
+# is test_photos.py's.
+BENCH_SMALLER = {"--batches": "1,2", "--configs": "2:5:1", "--concurrency": "2", "--image-sizes": "160x120,320x240",
+                 "--photo-config": "2:5:1"}  # fmt: skip
 SERVED_FLAGS = ("--configs", "--concurrency", "--requests", "--served-repeats", "--null-configs")
 
 
-def bench_argv(c: Command, out: Path, export: Path) -> list[str]:
+def bench_argv(c: Command, out: Path, export: Path, held_out: Path) -> list[str]:
+    """The line's arguments at tiny settings (accuracy on ``held_out``'s few scenes)."""
     if c.program == "make":
         module, *argv = make_recipe(c)
         assert module == "scripts.bench", c
     else:
         argv = c.argv
     named = {a for a in argv if a.startswith("--")}
-    tiny = [*BENCH_TINY, "--out", str(out)] + ([] if "--export" in named else ["--export", str(export)])
+    tiny = [*BENCH_TINY, "--out", str(out), "--photo-data", str(held_out)]
+    tiny += [] if "--export" in named else ["--export", str(export)]
     for flag, value in BENCH_SMALLER.items():
         if flag not in named:
             tiny += [flag, value]
@@ -436,7 +450,7 @@ def bench_argv(c: Command, out: Path, export: Path) -> list[str]:
 
 @pytest.mark.server
 @pytest.mark.timeout(900)
-def test_bench_commands_run(exported, tmp_path, monkeypatch, capsys):
+def test_bench_commands_run(exported, synthetic_dir, tmp_path, monkeypatch, capsys):
     """Each bench line at tiny settings: it finishes without a failed stage, writes its JSON, table and
     plot, and the figures are there for the stages it ran: the served points (the null handler's
     included) with every request answered 200."""
@@ -444,28 +458,36 @@ def test_bench_commands_run(exported, tmp_path, monkeypatch, capsys):
 
     cases = commands_for("bench")
     assert any(c.program == "make" for c in cases)
-    served = [c for c in cases if "served" in bench.parse_args(bench_argv(c, tmp_path, exported)).stages]
+    served = [
+        c
+        for c in cases
+        if "served" in bench.parse_args(bench_argv(c, tmp_path, exported, synthetic_dir)).stages
+    ]
     assert served, "no bench line runs the served stages"
     (tmp_path / "runs" / "myrun").mkdir(parents=True)
     shutil.copytree(exported, tmp_path / "runs" / "myrun" / "export")
     monkeypatch.chdir(tmp_path)
     for i, c in enumerate(cases):
         out = tmp_path / f"bench{i}"
-        argv = bench_argv(c, out, exported)
+        argv = bench_argv(c, out, exported, synthetic_dir)
         running = list(helpers.LIVE_SERVERS)
+        t0 = time.monotonic()
         results = bench.main(argv)
         capsys.readouterr()
+        with capsys.disabled():
+            print(f"\n{c}: {time.monotonic() - t0:.0f} s")
         assert helpers.LIVE_SERVERS == running, f"{c}: the bench left its TorchServe running"
         written = json.loads((out / "latest.json").read_text())
         assert not written.get("failures"), (c, written.get("failures"))
         assert (out / "latest.png").is_file(), c
         stages = bench.parse_args(argv).stages
-        for stage in ("model", "post", "handler"):
+        for stage in ("model", "post", "handler", "accuracy", "overload"):
             assert (stage in written) == (stage in stages), (c, stage)
+        assert ("photos" in written) == bool({"photos", "photos_served"} & set(stages)), c
         if "served" in stages:
-            served = results["served"]
-            kinds = {e["kind"] for e in served}
-            assert kinds == ({"model", "null"} if "null" in stages else {"model"}), (c, kinds)
+            served = results["served"] + results.get("null_handler", [])
+            assert {e["kind"] for e in results["served"]} == {"model"}, c
+            assert bool(results.get("null_handler")) == ("null" in stages), c
             for e in served:
                 assert all(p["failed"] == 0 and set(p["statuses"]) == {"200"} for p in e["points"]), (c, e)
 

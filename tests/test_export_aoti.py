@@ -124,8 +124,8 @@ def test_package_refuses_inputs_it_was_not_compiled_for(aoti_dir):
             net(bad)
     with pytest.raises(ValueError, match=r"compiled for torch.float32 but torch.float16 was asked for"):
         load_network(aoti_dir / PACKAGE, "cpu", torch.float16)
-    with pytest.raises(ValueError, match="unknown network format '.onnx'"):
-        load_network(aoti_dir / "model.onnx")
+    with pytest.raises(ValueError, match="unknown network format '.engine'"):
+        load_network(aoti_dir / "model.engine")
 
 
 def test_parity_gate_refuses_a_package_that_differs(aoti_dir, trained_run):

@@ -4,11 +4,12 @@
     python -m scripts.bench --quick                       # tiny repeats, fewer settings: a smoke run
     python -m scripts.bench --device cuda --precision fp16 --channels-last --model seed
     python -m scripts.bench --stages post,fp16 --export runs/NAME/export    # any subset of the stages
-    python -m scripts.bench --formats script,aoti         # TorchScript and AOTInductor side by side
+    python -m scripts.bench --formats torchscript,aoti,onnx   # the three network formats side by side
     python -m scripts.bench --stages photos,photos_served,accuracy --image-sizes 640x480,4032x3024
     python -m scripts.bench --stages overload             # goodput under overload, with deadlines
 
-One run, one model, one set of JPEG images; every figure is the median of repeats:
+One run, one model, one set of JPEG images; every figure is the median of repeats. Stages 1-6 run
+by default; 7-9 when named in ``--stages`` (or ``--stages all``):
 
 1. ``model``   the TorchScript network alone at batch 1/8/32: the ceiling;
 2. ``effdet``  effdet's own ``DetBenchPredict`` in eager mode with the same weights (network +
@@ -54,7 +55,7 @@ Modules, runners apart from results: ``timing`` (repeats, syncs, percentiles), `
 the null handler), ``report`` (ratios, tables, plot: pure functions of the results), ``cli``;
 ``overload`` (deadlines under overload)."""
 
-from scripts.bench.cli import FULL, QUICK, STAGES, main, network_info, parse_args, run
+from scripts.bench.cli import DEFAULT_STAGES, FULL, QUICK, STAGES, main, network_info, parse_args, run
 from scripts.bench.load import ProcessCPU, aggregate, run_load
 from scripts.bench.parity import (
     BOX_ATOL,
@@ -91,7 +92,7 @@ from scripts.bench.workload import (
 )
 
 __all__ = [
-    "BOX_ATOL", "EFFDET_IOU", "FULL", "QUICK", "SCORE_ATOL", "STAGES", "BenchError", "ProcessCPU", "Progress",
+    "BOX_ATOL", "DEFAULT_STAGES", "EFFDET_IOU", "FULL", "QUICK", "SCORE_ATOL", "STAGES", "BenchError", "ProcessCPU", "Progress",
     "Workload", "_alive", "_server_pid", "aggregate", "run_load", "archive_null", "bench_effdet", "bench_fp16",
     "bench_handler", "bench_model", "bench_models", "bench_post", "bench_served", "check_answers", "compare_detections",
     "effdet_postprocess", "format_ratios", "main", "make_handler", "make_images", "make_random_export", "match_detections",
