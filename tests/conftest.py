@@ -164,48 +164,40 @@ def model_store(exported, fixture_cache) -> Path:
     return fixture_cache.get("store", {"export": str(exported), "tiny": "b4 d50"}, build)
 
 
-# The documented AOTInductor line (README, docs/formats.md), as ``aoti_run`` runs it: the
-# checkpoint is the shared run's and the output goes beside it (``--out``) instead of into it.
+# The documented AOTInductor and ONNX lines (README, docs/formats.md), as ``aoti_run`` and
+# ``onnx_run`` run them: the checkpoint is the shared run's and the output goes beside it (``--out``).
 AOTI_ARGV = ["runs/NAME/best.ckpt", "--format", "aoti"]
+ONNX_ARGV = ["runs/NAME/best.ckpt", "--format", "onnx"]
+
+
+def _format_run(trained_run: Path, fixture_cache, argv: list[str], timeout: float) -> tuple[Path, str]:
+    """``python -m export <the shared run's best.ckpt> ARGV --out ...`` in a fresh interpreter, cached:
+    (its export directory, the CLI's stdout)."""
+    fmt = argv[argv.index("--format") + 1]
+
+    def build(out: Path) -> None:
+        cli = [str(trained_run / "best.ckpt"), *argv[1:], "--out", str(out / f"export_{fmt}")]
+        proc = subprocess.run([sys.executable, "-m", "export", *cli], cwd=ROOT, capture_output=True, text=True,
+                              timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        (out / "stdout.txt").write_text(proc.stdout)
+
+    out = fixture_cache.get(fmt, {"run": str(trained_run), "argv": argv}, build)
+    return out / f"export_{fmt}", (out / "stdout.txt").read_text()
 
 
 @pytest.fixture(scope="session")
 @marks_users("compile")
 def aoti_run(trained_run, fixture_cache) -> tuple[Path, str]:
-    """The shared run's AOTInductor package from the real CLI in a fresh interpreter (the documented
-    ``python -m export runs/NAME/best.ckpt --format aoti``): (its export directory, the CLI's
-    stdout). Compiling takes minutes on 2 cores."""
-
-    def build(out: Path) -> None:
-        argv = [str(trained_run / "best.ckpt"), *AOTI_ARGV[1:], "--out", str(out / "export_aoti")]
-        proc = subprocess.run([sys.executable, "-m", "export", *argv], cwd=ROOT, capture_output=True, text=True,
-                              timeout=1500, env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        (out / "stdout.txt").write_text(proc.stdout)
-
-    out = fixture_cache.get("aoti", {"run": str(trained_run), "argv": AOTI_ARGV}, build)
-    return out / "export_aoti", (out / "stdout.txt").read_text()
-
-
-# The documented ONNX line (README, docs/formats.md), run as ``onnx_run`` runs it: output beside the run.
-ONNX_ARGV = ["runs/NAME/best.ckpt", "--format", "onnx"]
+    """The shared run's AOTInductor package from the real CLI (compiling takes minutes on 2 cores)."""
+    return _format_run(trained_run, fixture_cache, AOTI_ARGV, timeout=1500)
 
 
 @pytest.fixture(scope="session")
 @marks_users("compile")
 def onnx_run(trained_run, fixture_cache) -> tuple[Path, str]:
-    """The shared run exported to ONNX by the real CLI in a fresh interpreter (the documented
-    ``python -m export runs/NAME/best.ckpt --format onnx``): (its export directory, the CLI's stdout)."""
-
-    def build(out: Path) -> None:
-        argv = [str(trained_run / "best.ckpt"), *ONNX_ARGV[1:], "--out", str(out / "export_onnx")]
-        proc = subprocess.run([sys.executable, "-m", "export", *argv], cwd=ROOT, capture_output=True, text=True,
-                              timeout=900, env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        (out / "stdout.txt").write_text(proc.stdout)
-
-    out = fixture_cache.get("onnx", {"run": str(trained_run), "argv": ONNX_ARGV}, build)
-    return out / "export_onnx", (out / "stdout.txt").read_text()
+    """The shared run exported to ONNX by the real CLI."""
+    return _format_run(trained_run, fixture_cache, ONNX_ARGV, timeout=900)
 
 
 @pytest.fixture(scope="session")

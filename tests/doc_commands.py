@@ -320,7 +320,7 @@ def commands_for(rule: str) -> list[Command]:
 def make_recipe(c: Command) -> list[str]:
     """The arguments after ``python -m MODULE`` in what ``make`` runs for a ``make`` line (``make -n``:
     printed, not run)."""
-    proc = subprocess.run(["make", "-n", "-o", ".venv/.installed", *c.words[1:]], cwd=ROOT,
+    proc = subprocess.run(["make", "-n", "--no-print-directory", "-o", ".venv/.installed", *c.words[1:]], cwd=ROOT,
                           capture_output=True, text=True, check=True)  # fmt: skip
     line = proc.stdout.strip().splitlines()[-1]
     m = re.search(r"\bpython3? -m (\S+)(.*)$", line)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import re
-import shutil
 import statistics
 import time
 from collections import Counter
@@ -32,7 +31,7 @@ from pathlib import Path
 import requests
 
 from scripts.bench.load import ProcessCPU, has_detections
-from scripts.bench.served import ServedSetting, _server_pid, model_name, served_config
+from scripts.bench.served import ServedSetting, _server_pid, fresh_store, model_name, served_config
 from scripts.bench.timing import Progress, percentile
 from scripts.client import NO_RETRY, Client
 from scripts.load import Images, Traffic
@@ -254,10 +253,7 @@ def bench_overload_served(
     from scripts.serve import Server
 
     workdir = Path(workdir)
-    store = workdir / "model_store"
-    if store.exists():
-        shutil.rmtree(store)
-    store.mkdir(parents=True)
+    store = fresh_store(workdir)
     model = model_name(f"{name}_overload", setting)
     cuda = w.device.type == "cuda"
     handler = HandlerConfig(

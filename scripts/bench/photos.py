@@ -228,20 +228,16 @@ def bench_served_photos(
     """One TorchServe, one .mar at ``setting``: a closed loop of ``requests`` per size at
     ``concurrency``, the sizes taking turns block by block (``repeats`` rounds after a warm-up of
     each), then (``memory``) the worker's peak-RSS rise for one 40 MP image of each probe kind."""
-    import shutil
 
     from handler.config import HandlerConfig
     from scripts.archive import archive
     from scripts.bench.load import ProcessCPU, aggregate, run_load
-    from scripts.bench.served import _server_pid, bench_client, model_name, served_config
+    from scripts.bench.served import _server_pid, bench_client, fresh_store, model_name, served_config
     from scripts.client import Client
     from scripts.serve import Server
 
     workdir = Path(workdir)
-    store = workdir / "model_store"
-    if store.exists():
-        shutil.rmtree(store)
-    store.mkdir(parents=True)
+    store = fresh_store(workdir)
     cuda = w.device.type == "cuda"
     b, d, n = setting
     model = model_name(f"{name}_photos", setting)

@@ -32,6 +32,15 @@ def _named(name: str, w: Workload) -> str:
     return name if w.fmt == DEFAULT_FORMAT else f"{name}_{w.fmt}"
 
 
+def fresh_store(workdir: Path) -> Path:
+    """``workdir/model_store``, emptied: each served stage archives its own models into it."""
+    store = Path(workdir) / "model_store"
+    if store.exists():
+        shutil.rmtree(store)
+    store.mkdir(parents=True)
+    return store
+
+
 def model_name(name: str, setting: ServedSetting) -> str:
     b, d, n = setting
     return f"{name}_b{b}_d{d}_w{n}"
@@ -85,10 +94,7 @@ def bench_served(
     from scripts.serve import Server
 
     workdir = Path(workdir)
-    store = workdir / "model_store"
-    if store.exists():
-        shutil.rmtree(store)
-    store.mkdir(parents=True)
+    store = fresh_store(workdir)
     cuda = w.device.type == "cuda"
     formats = [w, *more]
     jobs = [
