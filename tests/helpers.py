@@ -8,6 +8,7 @@ Plain functions and classes rather than fixtures: each caller keeps its own fixt
 from __future__ import annotations
 
 import hashlib
+import http.server
 import importlib.metadata
 import json
 import os
@@ -16,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -456,3 +458,19 @@ class Reference:
     def check(self, body: dict, data: bytes, **params) -> None:
         why = self.why_not(body, data, **params)
         assert why is None, why
+
+
+@contextmanager
+def fake_torchserve(
+    handler: type[http.server.BaseHTTPRequestHandler], where: Path
+) -> Iterator[tuple[str, Path]]:
+    """A loopback HTTP server answering with ``handler`` in a thread, for client tests: (its URL, a
+    TorchServe-style key file under ``where``); shut down at exit."""
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    keys = where / "key_file.json"
+    keys.write_text(json.dumps({k: {"key": "k"} for k in ("inference", "management", "API")}))
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}", keys
+    finally:
+        srv.shutdown()

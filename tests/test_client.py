@@ -7,7 +7,6 @@ from __future__ import annotations
 import http.server
 import json
 import os
-import threading
 import time
 import zipfile
 
@@ -35,6 +34,7 @@ from scripts.settings import (
     check_register,
     check_workers,
 )
+from tests.helpers import fake_torchserve
 
 
 @pytest.mark.parametrize("n", [0, -1, MAX_WORKERS + 1, 1000, 1.5, 2.0, "2", None, True])
@@ -296,15 +296,13 @@ class Scripted(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def scripted(tmp_path):
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Scripted)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    keys = tmp_path / "key_file.json"
-    keys.write_text(json.dumps({k: {"key": "k"} for k in ("inference", "management", "API")}))
-    url = f"http://127.0.0.1:{srv.server_address[1]}"
     Scripted.seen = []
     policy = RetryPolicy(attempts=4, budget=30, backoff=0.01, max_backoff=0.02)
-    yield lambda *script: (Scripted.script.extend(script), Client(url, url, keys, timeout=1, retry=policy))[1]
-    srv.shutdown()
+    with fake_torchserve(Scripted, tmp_path) as (url, keys):
+        yield lambda *script: (
+            Scripted.script.extend(script),
+            Client(url, url, keys, timeout=1, retry=policy),
+        )[1]
     Scripted.script.clear()
 
 

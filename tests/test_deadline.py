@@ -13,7 +13,6 @@ import http.server
 import json
 import math
 import shutil
-import threading
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from handler.deadline import (
 from handler.decode import RequestError
 from handler.effdet_handler import EffDetHandler
 from scripts.client import deadline_ms
+from tests.helpers import fake_torchserve
 from tests.test_handler import MODEL_NAME, MODEL_VERSION, Req, Worker, same_detections
 
 NOW = 1_764_000_000_000.0  # a Unix time in ms (November 2025)
@@ -105,18 +105,11 @@ def test_client_sends_each_attempt_its_own_deadline(tmp_path, deadlines):
     retry would arrive already expired) or sent in seconds."""
     from scripts.client import Client, RetryPolicy
 
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    keys = tmp_path / "key_file.json"
-    keys.write_text(json.dumps({k: {"key": "k"} for k in ("inference", "management", "API")}))
-    url = f"http://127.0.0.1:{srv.server_address[1]}"
     Recorder.seen = []
-    try:
+    with fake_torchserve(Recorder, tmp_path) as (url, keys):
         client = Client(url, url, keys, timeout=7, retry=RetryPolicy(attempts=2, backoff=0.3, max_backoff=0.3),
                         deadlines=deadlines)  # fmt: skip
         assert client.predict("tiny", b"img").status_code == 200
-    finally:
-        srv.shutdown()
     assert len(Recorder.seen) == 2
     if not deadlines:
         assert [d for _, d in Recorder.seen] == [None, None]
