@@ -166,7 +166,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--overload",
         type=_overload,
-        help="overload stage: capacity clients:clients:deadline s:window s (default 32:128:2:30; quick 8:32:1:8)",
+        help="overload stage: capacity clients:clients:deadline s:window s (default "
+        f"{':'.join(f'{x:g}' for x in FULL['overload'])}; quick {':'.join(f'{x:g}' for x in QUICK['overload'])})",
     )
     p.add_argument("--images", type=int, help="distinct JPEG images (default: the largest batch)")
     p.add_argument("--image-side", type=int, default=640, help="longer side of the JPEG images in px")
@@ -175,7 +176,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=_sizes,
         default=DEFAULT_SIZES,
         help="photos stages: WIDTHxHEIGHT,... of the photo JPEGs, the first the reference the others are "
-        "compared with (default 640x480,1920x1080,4032x3024)",
+        f"compared with (default {','.join(f'{w}x{h}' for w, h in DEFAULT_SIZES)})",
     )
     p.add_argument(
         "--photo-config",
