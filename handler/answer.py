@@ -92,3 +92,18 @@ class Answer:
             raise AnswerError(f"the answer lacks {e.args[0]!r}") from None
         except (TypeError, ValueError) as e:
             raise AnswerError(f"the answer is malformed: {e}") from None
+
+
+class RequestError(ValueError):
+    """A problem with one request: carries an HTTP status and a short machine-readable code; ``to_json``
+    is the body of its error answer. Here, beside the answer, so that the client and the archive
+    settings import it without torch."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+    def to_json(self) -> dict:
+        return {"error": {"code": self.code, "message": self.message}}

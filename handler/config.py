@@ -10,10 +10,12 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields
 
-from handler.decode import DEFAULT_MAX_PIXELS
 from handler.request import check_threshold
 
 PRECISIONS = ("fp32", "fp16")
+
+# Decompression bombs: refuse images above this many pixels (413) before decoding them.
+DEFAULT_MAX_PIXELS = 40_000_000
 
 # The largest batchSize a worker takes: the top of the AOTInductor package's dynamic batch dimension
 # (export.aoti.MAX_BATCH), so every format serves it. Warm-up time and a worker's memory grow with the

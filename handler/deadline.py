@@ -18,7 +18,7 @@ import math
 import re
 from collections.abc import Callable, Sequence
 
-from handler.decode import RequestError
+from handler.answer import RequestError
 from handler.request import _echo
 
 DEADLINE_HEADER = "X-Request-Deadline"

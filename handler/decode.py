@@ -33,11 +33,11 @@ from PIL import (  # noqa: F401  (the plugins register the formats that IMAGE_FO
 )
 from torchvision.transforms.v2 import functional as F
 
+from handler.answer import RequestError
+from handler.config import DEFAULT_MAX_PIXELS
 from handler.geometry import letterbox_size
 
-# Decompression bombs: refuse images above this many pixels before decoding them.
-DEFAULT_MAX_PIXELS = 40_000_000
-# PIL's own bomb guard would fire on different thresholds; we check the header ourselves.
+# PIL's own bomb guard would fire on different thresholds; we check the header (DEFAULT_MAX_PIXELS) ourselves.
 Image.MAX_IMAGE_PIXELS = None
 
 # The formats a request may carry (PIL names). PIL can open about 40 more (EPS and PDF hand off to
@@ -70,19 +70,6 @@ DCT_SCALES = (8, 4, 2)
 # fraction of a grey level on average; with 1x, reductions alias visibly (tests/test_photos.py and
 # docs/benchmarks.md have the figures).
 REDUCE_MARGIN = 2
-
-
-class RequestError(ValueError):
-    """A problem with one request: carries an HTTP status and a short machine-readable code."""
-
-    def __init__(self, status: int, code: str, message: str):
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-
-    def to_json(self) -> dict:
-        return {"error": {"code": self.code, "message": self.message}}
 
 
 @dataclass(frozen=True)

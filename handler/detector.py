@@ -16,9 +16,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from handler.answer import Answer, Detection
+from handler.answer import Answer, Detection, RequestError
 from handler.card import ModelCard
-from handler.decode import DEFAULT_MAX_PIXELS, Decoded, RequestError, decode_image, decode_images, from_pil
+from handler.config import DEFAULT_MAX_PIXELS
+from handler.decode import Decoded, decode_image, decode_images, from_pil
 from handler.geometry import letterbox_batch
 from handler.network import load_network, network_format
 from handler.postprocess import AnchorConfig, detect, generate_anchors

@@ -17,11 +17,11 @@ from http import HTTPStatus
 import torch
 from ts.torch_handler.base_handler import BaseHandler
 
-from handler.answer import ModelInfo
+from handler.answer import ModelInfo, RequestError
 from handler.card import ModelCard
 from handler.config import BatchSizeRefused, HandlerConfig, check_batch_size
 from handler.deadline import DEADLINE_HEADER, BatchCost, can_finish, expired, parse_deadline, too_late
-from handler.decode import IMAGE_FORMATS, RequestError
+from handler.decode import IMAGE_FORMATS
 from handler.detector import Detector, bucket_sizes
 from handler.request import REQUEST_ID_ECHO_HEADER, Params, header, parse_params, request_id, split_request
 

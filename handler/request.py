@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from handler.decode import RequestError
+from handler.answer import RequestError
 
 PARAMETERS = ("score_threshold", "iou_threshold", "max_detections")
 

@@ -12,10 +12,13 @@ tests use; they render the config onto free loopback ports.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
+import shutil
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -42,6 +45,34 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# A Unix socket path holds at most 107 bytes; TorchServe names its workers' sockets .ts.sock.PORT.
+SOCKET_PATH_MAX = 107 - len("/.ts.sock.65535")
+
+
+def server_tmp(workdir: Path) -> Path:
+    """The server's temporary directory: WORKDIR/tmp, or, where that path is too long for the workers'
+    Unix sockets (a worker would die at once, again and again, with "AF_UNIX path too long"), a
+    private /tmp/effdet-serve-HASH of this working directory (the same one at start and at stop)."""
+    tmp = Path(workdir) / "tmp"
+    if len(os.fsencode(tmp)) <= SOCKET_PATH_MAX:
+        return tmp
+    digest = hashlib.sha256(os.fsencode(Path(workdir).resolve())).hexdigest()[:16]
+    return Path("/tmp") / f"effdet-serve-{digest}"
+
+
+def make_server_tmp(tmp: Path) -> None:
+    """Create ``server_tmp``'s directory; one outside the working directory must be this user's alone."""
+    if tmp.name == "tmp":
+        tmp.mkdir(parents=True, exist_ok=True)
+        return
+    tmp.mkdir(mode=0o700, exist_ok=True)
+    st = tmp.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise SystemExit(
+            f"{tmp} is not a private directory of this user: remove it or use a shorter --workdir"
+        )
 
 
 MAR_NAME = r"[A-Za-z0-9_][A-Za-z0-9_.-]*\\.mar"  # as written in .properties (backslash doubled)
@@ -124,16 +155,20 @@ class Server:
         return self.props["management_address"]
 
     @property
+    def tmp(self) -> Path:
+        """TMPDIR of the server and its workers: its pid file, worker sockets, unpacked archives."""
+        return server_tmp(self.workdir)
+
+    @property
     def key_file(self) -> Path:
         return self.workdir / "key_file.json"
 
     def _env(self) -> dict[str, str]:
         # TorchServe keeps its pid file in TMPDIR and the workers' unix sockets (.ts.sock.9000, ...)
         # in java.io.tmpdir, which its launcher takes from TEMP: both per server, or two servers'
-        # first workers would fight over /tmp/.ts.sock.9000. (Unix socket paths max out at 107 bytes:
-        # keep the working directory's path short.)
-        tmp = self.workdir / "tmp"
-        tmp.mkdir(parents=True, exist_ok=True)
+        # first workers would fight over /tmp/.ts.sock.9000.
+        tmp = self.tmp
+        make_server_tmp(tmp)
         env = dict(os.environ)
         env.update(
             JAVA_HOME=java_home(),
@@ -175,6 +210,8 @@ class Server:
         """
         cmd = [executable("torchserve"), "--stop", "--foreground"]
         subprocess.run(cmd, cwd=self.workdir, env=self._env(), capture_output=True, check=False)
+        if self.tmp.parent != self.workdir:  # the short one outside the working directory goes too
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
     def tokens(self) -> dict[str, str]:
         """The management and inference keys from key_file.json (never print them)."""

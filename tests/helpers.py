@@ -7,6 +7,7 @@ Plain functions and classes rather than fixtures: each caller keeps its own fixt
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import http.server
 import importlib.metadata
@@ -128,13 +129,16 @@ class FixtureCache:
         out = self.root / f"{kind}-{digest}"
         if out.is_dir():
             return out
-        tmp = self.root / f".{kind}-{digest}.{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        build(tmp)
-        try:
-            tmp.rename(out)  # atomic: a directory under its final name is complete
-        except OSError:  # another run finished the same build first
+        # One builder at a time per fixture: the other test processes (pytest-xdist workers, a second
+        # run) wait here and then take what it built instead of compiling the same thing beside it.
+        with open(self.root / f".{kind}-{digest}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if out.is_dir():
+                return out
+            tmp = self.root / f".{kind}-{digest}.{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
+            build(tmp)
+            tmp.rename(out)  # atomic: a directory under its final name is complete
         for old in self.root.glob(f"{kind}-*"):  # older builds of this kind
             if old != out and time.time() - old.stat().st_mtime > 3600:
                 shutil.rmtree(old, ignore_errors=True)

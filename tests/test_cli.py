@@ -108,13 +108,19 @@ def test_export_cli_refuses_a_missing_checkpoint(tmp_path, capsys):
 
 
 @pytest.mark.server
-def test_serve_stop_cli(tmp_path):
-    """``python -m scripts.serve stop --workdir W`` stops the TorchServe running there and says so."""
-    srv = Server(tmp_path / "ts", tmp_path / "store", free_ports=True)
-    srv.model_store.mkdir()
-    srv.start([])
+def test_serve_stop_cli(tmp_path, model_store):
+    """``python -m scripts.serve stop --workdir W`` stops the TorchServe running there and says so.
+
+    W is a long path: where the workers' Unix sockets went under it, past the 107 bytes a socket
+    path may hold, every worker died at start ("AF_UNIX path too long") and the model never came up.
+    """
+    workdir = tmp_path / ("a-deeply-nested-working-directory-" * 3) / "ts"
+    srv = Server(workdir, model_store, free_ports=True)
+    assert len(str(workdir / "tmp" / ".ts.sock.9000")) > 107
+    srv.start(["tiny=tiny.mar"], timeout=120)
     try:
-        pid = int((srv.workdir / "tmp" / ".model_server.pid").read_text())
+        assert len(str(srv.tmp / ".ts.sock.65535")) <= 107 and srv.tmp.stat().st_mode & 0o077 == 0
+        pid = int((srv.tmp / ".model_server.pid").read_text())
         assert psutil.pid_exists(pid)
         r = run("-m", "scripts.serve", "stop", "--workdir", str(srv.workdir))
         assert r.returncode == 0 and r.stdout.strip() == "TorchServe stopped", r.stdout + r.stderr
@@ -123,6 +129,7 @@ def test_serve_stop_cli(tmp_path):
             requests.get(f"{srv.inference_url}/ping", timeout=5)
     finally:
         srv.stop()
+    assert not srv.tmp.exists()
 
 
 def test_archive_cli_names_what_is_missing(tmp_path, capsys):

@@ -325,3 +325,17 @@ def test_retries_bounded(scripted):
     client = scripted("busy", "busy", "busy", "busy", "ok")
     r = client.predict("tiny", b"img")
     assert r.status_code == 503 and len(r.retries) == 4 and len(Scripted.seen) == 4
+
+
+def test_the_client_starts_without_torch():
+    """``python -m scripts.client`` imports neither torch nor torchvision (seconds per call on a small
+    machine): what it shares with the handler (headers, the error answer, the settings' checks)
+    lives in modules that do not need them."""
+    import subprocess
+    import sys
+
+    from scripts.paths import ROOT
+
+    code = "import sys, scripts.client.__main__; print(sorted({'torch', 'torchvision', 'PIL'} & set(sys.modules)))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from handler.answer import RequestError
 from handler.deadline import (
     DEADLINE_HEADER,
     MAX_AHEAD_MS,
@@ -25,7 +26,6 @@ from handler.deadline import (
     can_finish,
     parse_deadline,
 )
-from handler.decode import RequestError
 from handler.effdet_handler import EffDetHandler
 from scripts.client import deadline_ms
 from tests.helpers import fake_torchserve

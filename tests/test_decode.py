@@ -19,7 +19,8 @@ import pytest
 import torch
 from PIL import Image
 
-from handler.decode import Decoded, RequestError, decode_image, decode_images
+from handler.answer import RequestError
+from handler.decode import Decoded, decode_image, decode_images
 
 
 def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:

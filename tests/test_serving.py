@@ -441,7 +441,7 @@ def test_served_without_the_training_stack(shared, client, images, local):
     sources = [
         text.split(" ", 1)[1] for pid, text in noted if pid in pids and text.startswith("handler-from")
     ]
-    models_dir = str(shared.server.workdir / "tmp" / "models")
+    models_dir = str(shared.server.tmp / "models")
     assert sources and all(s.startswith(models_dir) for s in sources), sources
     log = (shared.server.workdir / "logs" / "model_log.log").read_text(errors="replace")
     assert "is blocked in this worker" not in log  # nothing in the serving path wanted the training stack

@@ -62,7 +62,7 @@ def _wait_gone(client, model: str, timeout: float = 60) -> None:
 
 
 def _server_pid(server) -> int | None:
-    pid_file = server.workdir / "tmp" / ".model_server.pid"
+    pid_file = server.tmp / ".model_server.pid"
     try:
         return int(pid_file.read_text().split()[0])
     except (OSError, ValueError, IndexError):

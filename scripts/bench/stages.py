@@ -172,7 +172,8 @@ def make_handler(w: Workload, threads: int | None, decode: str = "auto"):
     from ts.context import Context
     from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl
 
-    from handler.decode import RequestError, decode_images
+    from handler.answer import RequestError
+    from handler.decode import decode_images
     from handler.effdet_handler import EffDetHandler
 
     manifest = {
