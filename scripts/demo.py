@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--train-images", type=int, default=400)
     p.add_argument("--val-images", type=int, default=60)
+    p.add_argument("--image-size", type=int, help="square input size (multiple of 128); default: the model's")
     # where the outputs go (the repository's runs/ and model_store/ by default, as `make demo`)
     p.add_argument("--runs", default=str(ROOT / "runs"), help="the run is written to RUNS/NAME")
     p.add_argument("--model-store", default=str(MODEL_STORE), help="the archive goes here")
@@ -90,8 +91,9 @@ def main(argv: list[str] | None = None) -> None:
     synthetic.ensure(a.data, a.train_images, a.val_images)
 
     say(f"2/7 training the small preset for {a.epochs} epochs (Lightning's bar below)")
+    size = ["--image-size", str(a.image_size)] if a.image_size else []
     card = train_main(["--data", a.data, "--format", "synthetic", "--model", "small", "--epochs", str(a.epochs),
-                       "--out", str(run)])  # fmt: skip
+                       *size, "--out", str(run)])  # fmt: skip
     print(f"val mAP@.5 after training: {card.metrics['val_map50']:.3f}")
 
     fmt = export_format(a.format)

@@ -187,8 +187,8 @@ def test_demo_runs_end_to_end(tmp_path):
     assert (module, argv) == ("scripts.demo", ["--name", "x"]), "make demo runs something else"
     name = f"demo_{uuid.uuid4().hex[:8]}"
     data, runs, store = tmp_path / "data", tmp_path / "runs", tmp_path / "model_store"
-    cmd = [sys.executable, "-m", module, "--name", name, "--epochs", "1", "--train-images", "8",
-           "--val-images", "4", "--data", str(data), "--runs", str(runs), "--model-store", str(store)]  # fmt: skip
+    cmd = [sys.executable, "-m", module, "--name", name, "--epochs", "1", "--train-images", "8", "--val-images", "4",
+           "--image-size", "128", "--data", str(data), "--runs", str(runs), "--model-store", str(store)]  # fmt: skip
     demo = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = demo.communicate(timeout=840)
@@ -211,6 +211,8 @@ def test_demo_runs_end_to_end(tmp_path):
     first = check_records(load_coco(data / "val.json"), name="val").records[0]
     with Image.open(picture) as drawn, Image.open(first.image) as original:
         assert drawn.format == "PNG" and drawn.size == original.size
+    size = json.loads((runs / name / "export" / "model.json").read_text())["preprocessing"]["size"]
+    assert size == [128, 128], size  # --image-size reached the training and the export
 
     scaled = re.findall(
         r"^scaled (\d+) -> (\d+) \((\w+), [\d.]+ s\): version (\S+), workers now (\d+)$", out, re.M

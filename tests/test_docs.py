@@ -397,7 +397,8 @@ def test_demo_options_shown(capsys):
             entry_point("scripts.demo")(c.argv)
         assert done.value.code == 0, c
         out = capsys.readouterr().out
-        for flag in ("--train-images", "--val-images", "--epochs", "--runs", "--model-store", "--data"):
+        for flag in ("--train-images", "--val-images", "--epochs", "--image-size", "--runs", "--model-store",
+                     "--data"):  # fmt: skip
             assert flag in out, (c, flag)
 
 
@@ -422,11 +423,12 @@ def test_python_example_runs(exported, val_images, detector, tmp_path, monkeypat
 # run for the line that names served settings; the other lines run the in-process stages.
 BENCH_TINY = ["--repeats", "1", "--warmup", "0", "--images", "2", "--image-side", "96", "--requests", "4",
               "--served-repeats", "1", "--no-progress", "--no-photo-memory", "--overload", "2:6:1:3"]  # fmt: skip
-# The overload point (capacity clients : clients : deadline s : window s) always shrinks; the photo
-# sizes and the photos' served setting unless named. The served worker's memory for 40 MP images
+# The overload point (capacity clients : clients : deadline s : window s) always shrinks, and so does
+# every named served setting to one worker; the photo sizes, the photos' and the null handler's served
+# settings unless named. The served worker's memory for 40 MP images
 # is test_photos.py's.
 BENCH_SMALLER = {"--batches": "1,2", "--configs": "2:5:1", "--concurrency": "2", "--image-sizes": "160x120,320x240",
-                 "--photo-config": "2:5:1"}  # fmt: skip
+                 "--photo-config": "2:5:1", "--null-configs": "2:5:1"}  # fmt: skip
 SERVED_FLAGS = ("--configs", "--concurrency", "--requests", "--served-repeats", "--null-configs")
 
 
@@ -438,6 +440,10 @@ def bench_argv(c: Command, out: Path, export: Path, held_out: Path) -> list[str]
     else:
         argv = c.argv
     named = {a for a in argv if a.startswith("--")}
+    if "--configs" in named:  # the settings a line names, each with one worker (a worker start is seconds)
+        at = argv.index("--configs") + 1
+        one = ",".join(f"{cfg.rsplit(':', 1)[0]}:1" for cfg in argv[at].split(","))
+        argv = [*argv[:at], one, *argv[at + 1 :]]
     tiny = [*BENCH_TINY, "--out", str(out), "--photo-data", str(held_out)]
     tiny += [] if "--export" in named else ["--export", str(export)]
     for flag, value in BENCH_SMALLER.items():
