@@ -30,7 +30,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	JAVA_HOME=$$($(JAVA_HOME_CMD)) $(BIN)/python -m pytest -m "not soak" tests
 
-# The unit layer: no TorchServe, no training beyond the shared fixture's few steps, no compile.
+# The unit layer: no TorchServe, no training beyond the shared fixture's few steps, no export but the shared one.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not server and not train and not compile and not soak" tests
 

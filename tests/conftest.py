@@ -11,10 +11,11 @@ loopback ports. Built fixtures are kept in pytest's cache directory, keyed on wh
 Rules (hooks below):
 
 - markers say what a test needs: ``server`` (a real TorchServe), ``train`` (training beyond the
-  shared fixture's few steps), ``compile`` (an AOTInductor package), ``soak``. A test that uses a
-  fixture decorated with ``tests.helpers.starts_torchserve`` (or ``marks_users``) gets its marker
-  automatically; a test that starts a TorchServe without the ``server`` marker fails, so ``make
-  test-fast`` (``-m "not server and not train and not compile and not soak"``) can trust them;
+  shared fixture's few steps), ``compile`` (an export of its own, or the shared ONNX / AOTInductor
+  one), ``soak``. A test that uses a fixture decorated with ``tests.helpers.starts_torchserve``
+  (or ``marks_users``) gets its marker automatically; a test that starts a TorchServe without the
+  ``server`` marker fails, so ``make test-fast`` (``-m "not server and not train and not compile
+  and not soak"``) can trust them;
 - a test that fails (a ``pytest-timeout`` timeout included) while TorchServe servers of this
   process run gets their log tails attached to its report.
 """

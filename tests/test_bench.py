@@ -217,6 +217,7 @@ def test_null_handler_archive_and_answers(tmp_path):
         assert yaml.safe_load(z.read("model-config.yaml"))["maxBatchDelay"] == 1
 
 
+@pytest.mark.compile
 def test_train_export_trains_exports_and_is_reused(tmp_path):
     """The bench's default model: the preset trained here (2 steps at 128 px in this test) and exported."""
     export_dir = bench.train_export(tmp_path / "t", "small", 128, steps=2, batch_size=2, accelerator="cpu")

@@ -83,6 +83,7 @@ def test_archive_cli_refuses_a_bad_device_list(exported, tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.compile
 def test_export_cli_default_method(trained_run, tmp_path):
     """``python -m export CKPT --out DIR``: TorchScript by default, parity printed, the three files written."""
     out = tmp_path / "export"

@@ -303,6 +303,7 @@ def run_dir(trained_run, tmp_path) -> Path:
     return run
 
 
+@pytest.mark.compile
 def test_export_commands_run(run_dir, tmp_path, monkeypatch, capsys):
     """Each TorchScript export line on the shared trained run as runs/NAME: the files it says it
     writes, the method and freeze it names, the parity gate passed."""
@@ -353,6 +354,7 @@ def check_archive(c: Command, store: Path, out: str) -> None:
             assert got == kind(flags[flag]), (c, flag, got)
 
 
+@pytest.mark.compile  # its fixture is fetched in the body, so conftest cannot give it the marker
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("fmt", ["aoti", "onnx"])
 def test_format_commands_run(fmt, exported, tmp_path, monkeypatch, capsys, request):

@@ -40,6 +40,7 @@ def make_run(tmp: Path, num_classes: int, image_size: int, seed: int = 0) -> Pat
     return run
 
 
+@pytest.mark.compile
 @pytest.mark.parametrize(
     "method, num_classes, image_size",
     # two input sizes, both small: each case exports, checks parity twice and loads the file in a fresh interpreter
@@ -74,6 +75,7 @@ def test_export_saves_reloads_without_effdet_and_matches_eager(tmp_path, method,
     assert names == {str(i + 1): f"c{i}" for i in range(num_classes)}
 
 
+@pytest.mark.compile
 def test_freeze_option_still_matches(tmp_path):
     run = make_run(tmp_path, 2, 128)
     card = export(run / "best.ckpt", run / "export", freeze=True)
@@ -105,6 +107,7 @@ def test_raw_state_dict_of_another_class_count_is_refused_clearly(tmp_path):
         export(tmp_path / "raw.ckpt", tmp_path / "out", card_dir=run)
 
 
+@pytest.mark.compile
 def test_cli_reports_figures(tmp_path):
     run = make_run(tmp_path, 1, 256)
     proc = subprocess.run(
