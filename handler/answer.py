@@ -96,8 +96,8 @@ class Answer:
 
 class RequestError(ValueError):
     """A problem with one request: carries an HTTP status and a short machine-readable code; ``to_json``
-    is the body of its error answer. Here, beside the answer, so that the client and the archive
-    settings import it without torch."""
+    is the body of its error answer. Here, beside the answer, so that the client and the settings
+    (``scripts.settings``) import it without torch."""
 
     def __init__(self, status: int, code: str, message: str):
         super().__init__(message)

@@ -62,17 +62,19 @@ def server_tmp(workdir: Path) -> Path:
     return Path("/tmp") / f"effdet-serve-{digest}"
 
 
-def make_server_tmp(tmp: Path) -> None:
-    """Create ``server_tmp``'s directory; one outside the working directory must be this user's alone."""
-    if tmp.name == "tmp":
+def make_server_tmp(workdir: Path) -> Path:
+    """Create ``server_tmp(workdir)``; one outside the working directory must be this user's alone."""
+    tmp = server_tmp(workdir)
+    if tmp.parent == Path(workdir):
         tmp.mkdir(parents=True, exist_ok=True)
-        return
+        return tmp
     tmp.mkdir(mode=0o700, exist_ok=True)
     st = tmp.lstat()
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
         raise SystemExit(
             f"{tmp} is not a private directory of this user: remove it or use a shorter --workdir"
         )
+    return tmp
 
 
 MAR_NAME = r"[A-Za-z0-9_][A-Za-z0-9_.-]*\\.mar"  # as written in .properties (backslash doubled)
@@ -167,8 +169,7 @@ class Server:
         # TorchServe keeps its pid file in TMPDIR and the workers' unix sockets (.ts.sock.9000, ...)
         # in java.io.tmpdir, which its launcher takes from TEMP: both per server, or two servers'
         # first workers would fight over /tmp/.ts.sock.9000.
-        tmp = self.tmp
-        make_server_tmp(tmp)
+        tmp = make_server_tmp(self.workdir)
         env = dict(os.environ)
         env.update(
             JAVA_HOME=java_home(),
