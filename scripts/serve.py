@@ -62,6 +62,11 @@ def server_tmp(workdir: Path) -> Path:
     return Path("/tmp") / f"effdet-serve-{digest}"
 
 
+def pid_file(workdir: Path) -> Path:
+    """TorchServe's pid file for a server started in ``workdir`` (it keeps it in its TMPDIR)."""
+    return server_tmp(workdir) / ".model_server.pid"
+
+
 def make_server_tmp(workdir: Path) -> Path:
     """Create ``server_tmp(workdir)``; one outside the working directory must be this user's alone."""
     tmp = server_tmp(workdir)
@@ -160,6 +165,10 @@ class Server:
     def tmp(self) -> Path:
         """TMPDIR of the server and its workers: its pid file, worker sockets, unpacked archives."""
         return server_tmp(self.workdir)
+
+    @property
+    def pid_file(self) -> Path:
+        return pid_file(self.workdir)
 
     @property
     def key_file(self) -> Path:

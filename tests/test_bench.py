@@ -511,6 +511,7 @@ def test_main_writes_table_json_and_plot_with_ratios_last(tiny_export, tmp_path,
 
 
 @pytest.mark.soak
+@pytest.mark.server
 def test_served_stage_on_a_real_torchserve(workload, tmp_path):
     entries = bench.bench_served(
         workload, "tinybench", [(2, 5, 1)], [1, 2], 4, 1, 1, tmp_path / "s", bench.Progress(enabled=False),
@@ -523,7 +524,9 @@ def test_served_stage_on_a_real_torchserve(workload, tmp_path):
     for p in entry["points"]:
         assert p["failed"] == 0 and p["requests"] == 4 and p["statuses"] == {"200": 4}
         assert _finite_positive(p["throughput"]) and p["p50_ms"] <= p["p99_ms"]
-    pid = bench._server_pid(SimpleNamespace(workdir=tmp_path / "s" / "ts"))
+    from scripts.serve import pid_file
+
+    pid = bench._server_pid(SimpleNamespace(pid_file=pid_file(tmp_path / "s" / "ts")))
     assert pid is None or not bench._alive(pid)  # TorchServe was stopped
 
 
@@ -644,6 +647,7 @@ def test_photo_targets_and_report():
 
 
 @pytest.mark.soak
+@pytest.mark.server
 def test_photos_served_per_size_on_a_real_torchserve(workload, tmp_path):
     from scripts.bench.photos import bench_served_photos, make_photos
 

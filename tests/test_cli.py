@@ -121,7 +121,7 @@ def test_serve_stop_cli(tmp_path, model_store):
     srv.start(["tiny=tiny.mar"], timeout=120)
     try:
         assert len(str(srv.tmp / ".ts.sock.65535")) <= 107 and srv.tmp.stat().st_mode & 0o077 == 0
-        pid = int((srv.tmp / ".model_server.pid").read_text())
+        pid = int(srv.pid_file.read_text())
         assert psutil.pid_exists(pid)
         r = run("-m", "scripts.serve", "stop", "--workdir", str(srv.workdir))
         assert r.returncode == 0 and r.stdout.strip() == "TorchServe stopped", r.stdout + r.stderr

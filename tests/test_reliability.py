@@ -208,7 +208,7 @@ def worker_pids(client: Client, model: str = MODEL) -> list[int]:
 
 
 def frontend_pid(server: Server) -> int:
-    return int((server.tmp / ".model_server.pid").read_text().strip())
+    return int(server.pid_file.read_text().strip())
 
 
 def gone(pid: int) -> bool:

@@ -62,9 +62,8 @@ def _wait_gone(client, model: str, timeout: float = 60) -> None:
 
 
 def _server_pid(server) -> int | None:
-    pid_file = server.tmp / ".model_server.pid"
     try:
-        return int(pid_file.read_text().split()[0])
+        return int(server.pid_file.read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return None
 
