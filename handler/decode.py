@@ -20,6 +20,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import (  # noqa: F401  (the plugins register the formats that IMAGE_FORMATS names)
     BmpImagePlugin,
@@ -31,7 +32,6 @@ from PIL import (  # noqa: F401  (the plugins register the formats that IMAGE_FO
     UnidentifiedImageError,
     WebPImagePlugin,
 )
-from torchvision.transforms.v2 import functional as F
 
 from handler.answer import RequestError
 from handler.config import DEFAULT_MAX_PIXELS
@@ -213,7 +213,15 @@ def from_pil(
     if flip_y:
         img = img.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
         box = box and (box[0], img.height - box[3], box[2], img.height - box[1])
-    return Decoded(F.pil_to_tensor(img), width, height, box)
+    return Decoded(pil_to_tensor(img), width, height, box)
+
+
+def pil_to_tensor(img: Image.Image) -> torch.Tensor:
+    """An 8-bit RGB PIL image -> uint8 [3, H, W], a CHW view of its own HWC copy (what torchvision's
+    ``pil_to_tensor`` gives, without importing torchvision into a serving worker)."""
+    if img.mode != "RGB":
+        raise ValueError(f"expected an RGB image, got mode {img.mode}")
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

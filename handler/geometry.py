@@ -7,9 +7,10 @@ the network input are mapped back to the image by multiplying with ``img_scale``
 (validation transform), the handler and the tests import these functions from here, so the
 two sides cannot drift apart.
 
-The resize works in uint8 (torchvision's antialiased bilinear resize; on the CPU its native uint8
-kernel) and only the network-sized result becomes float and is normalised: no float copy of a
-full-size image exists. An image may come as a ``handler.decode.Decoded``, pixels that are a
+The resize works in uint8 (torch's antialiased bilinear kernel, the one torchvision's resize
+calls; on the CPU its native uint8 kernel) and only the network-sized result becomes float and is
+normalised: no float copy of a full-size image exists. Nothing here imports torchvision: a serving
+worker starts with torch alone (torchvision's import pulls in torch._dynamo, ~2 s of a cold start). An image may come as a ``handler.decode.Decoded``, pixels that are a
 reduced rendition of a larger image: the letterbox size and ``img_scale`` then come from the size
 of the image as sent, and its pixels are resized straight to that letterbox size.
 """
@@ -21,7 +22,6 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from torchvision.transforms.v2 import functional as F
 
 if TYPE_CHECKING:  # decode imports this module; it needs only the type from there
     from handler.decode import Decoded
@@ -73,12 +73,33 @@ def fit_pixels(image: torch.Tensor | Decoded, size: tuple[int, int]) -> tuple[to
         height, width, box = image.height, image.width, image.box
     new_h, new_w, scale = letterbox_size(height, width, size)
     if box is None:
-        # uint8 in, uint8 out (rounded): on the CPU torchvision's native uint8 kernel, on CUDA its
-        # float kernel on the device, rounded back.
-        pixels = F.resize(pixels, [new_h, new_w], interpolation=F.InterpolationMode.BILINEAR, antialias=True)
+        pixels = resize_uint8(pixels, new_h, new_w) if (new_h, new_w) != (height, width) else pixels
     else:
         pixels = resize_box(pixels, box, new_h, new_w)
     return pixels, scale
+
+
+def resize_uint8(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """uint8 [3, H, W] -> uint8 [3, height, width], antialiased bilinear: what torchvision's
+    ``resize(..., antialias=True)`` computes, bit for bit wherever its CPU path is the native uint8
+    kernel (x86 with AVX2, ARM) and on CUDA (a test holds the two together)."""
+    x = pixels.unsqueeze(0)
+    if x.is_contiguous(memory_format=torch.channels_last):
+        # A decoded image is HWC memory seen as CHW: say so in the batch stride too, or interpolate
+        # allocates a contiguous output and repacks it (pytorch #68430; torchvision does the same).
+        x = x.as_strided(x.shape, (x.numel(), *x.stride()[1:]))
+    return _interpolate_uint8(x, size=(height, width))[0]
+
+
+def _interpolate_uint8(x: torch.Tensor, **how) -> torch.Tensor:
+    """Antialiased bilinear ``interpolate`` of uint8 [N, 3, H, W]: on the CPU torch's native uint8
+    kernel (on x86 without AVX2 torchvision takes the float path instead), elsewhere in float on
+    the device, rounded back."""
+    cast = x.device.type != "cpu"
+    out = torch.nn.functional.interpolate(
+        x.float() if cast else x, mode="bilinear", align_corners=False, antialias=True, **how
+    )
+    return out.round_().to(torch.uint8) if cast else out
 
 
 def resize_box(
@@ -86,22 +107,14 @@ def resize_box(
 ) -> torch.Tensor:
     """The part ``box`` (x0, y0, x1, y1; fractional pixels, touching the grid's edges on at least one
     side per axis) of uint8 ``pixels`` resized to exactly (height, width), antialiased bilinear as
-    ``F.resize``: the box's own scale maps coordinates (no stretch from the partial pixels), and
+    ``resize_uint8``: the box's own scale maps coordinates (no stretch from the partial pixels), and
     what lies outside the box is cut off."""
     x0, y0, x1, y1 = box
     flips = [dim for dim, start in ((-1, x0), (-2, y0)) if start > 0]  # the box starts at 0 once flipped
     x = pixels.unsqueeze(0)
     x = x.flip(flips) if flips else x
-    cast = x.device.type != "cpu"  # torch's antialiased kernels take uint8 on the CPU only
-    out = torch.nn.functional.interpolate(
-        x.float() if cast else x,
-        scale_factor=(height / (y1 - y0), width / (x1 - x0)),
-        mode="bilinear",
-        align_corners=False,
-        antialias=True,
-        recompute_scale_factor=False,
-    )
-    out = (out.round_().to(torch.uint8) if cast else out)[0, :, :height, :width]
+    scale = (height / (y1 - y0), width / (x1 - x0))
+    out = _interpolate_uint8(x, scale_factor=scale, recompute_scale_factor=False)[0, :, :height, :width]
     return out.flip(flips) if flips else out
 
 
@@ -113,8 +126,9 @@ def letterbox(image: torch.Tensor | Decoded, geometry: Geometry) -> tuple[torch.
     """
     pixels, scale = fit_pixels(image, geometry.size)
     new_h, new_w = pixels.shape[-2:]
-    x = pixels.to(torch.float32).div_(255.0)
-    x = F.normalize(x, mean=list(geometry.mean), std=list(geometry.std))
+    mean = torch.tensor(geometry.mean, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+    std = torch.tensor(geometry.std, dtype=torch.float32, device=pixels.device).view(3, 1, 1)
+    x = pixels.to(torch.float32).div_(255.0).sub_(mean).div_(std)
     pad_bottom, pad_right = geometry.size[0] - new_h, geometry.size[1] - new_w
     x = torch.nn.functional.pad(x, (0, pad_right, 0, pad_bottom), value=0.0)
     return x, 1.0 / scale

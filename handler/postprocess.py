@@ -11,11 +11,12 @@ no host synchronisation after the candidate selection. The result equals effdet'
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import math
 from dataclasses import dataclass
 
 import torch
-from torchvision.ops import batched_nms, nms
 
 # Above this many boxes one NMS call over all groups costs more than torchvision's per-group loop:
 # the CPU kernel is O(kept x boxes), the CUDA one holds a boxes^2 / 8 byte mask. At a served score
@@ -102,6 +103,49 @@ def decode_boxes(rel_codes: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor
     ycenter = ty * ha + ycenter_a
     xcenter = tx * wa + xcenter_a
     return torch.stack([xcenter - w / 2.0, ycenter - h / 2.0, xcenter + w / 2.0, ycenter + h / 2.0], dim=-1)
+
+
+def _load_nms() -> None:
+    """Register torchvision's C++ operators (``torch.ops.torchvision.nms``) without importing the
+    torchvision package: ``import torchvision`` brings its models, datasets and torch._dynamo, about
+    2 s of CPU in every serving worker's start, for this one operator. The library is found and
+    loaded as torchvision's own ``extension`` module does it; failing that, the package import does."""
+    if hasattr(torch.ops.torchvision, "nms"):
+        return
+    spec = importlib.util.find_spec("torchvision")
+    if spec is not None and spec.submodule_search_locations:
+        loader = (importlib.machinery.ExtensionFileLoader, importlib.machinery.EXTENSION_SUFFIXES)
+        finder = importlib.machinery.FileFinder(spec.submodule_search_locations[0], loader)
+        for name in ("_C_stable", "_C"):  # torchvision >= 0.25 ships the stable-ABI build
+            found = finder.find_spec(name)
+            if found is not None and found.origin:
+                try:
+                    torch.ops.load_library(found.origin)
+                    break
+                except OSError:
+                    continue
+    if not hasattr(torch.ops.torchvision, "nms"):
+        import torchvision.ops  # noqa: F401  (registers the operators, or says why it cannot)
+
+
+_load_nms()
+
+
+def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """torchvision's NMS: indices of the kept boxes, by decreasing score."""
+    return torch.ops.torchvision.nms(boxes, scores, float(iou_threshold))
+
+
+def batched_nms(
+    boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, iou_threshold: float
+) -> torch.Tensor:
+    """NMS within each group id, one ``nms`` call per group: torchvision's ``batched_nms`` loop."""
+    keep = torch.zeros_like(scores, dtype=torch.bool)
+    for group in torch.unique(groups):
+        members = torch.where(groups == group)[0]
+        keep[members[nms(boxes[members], scores[members], iou_threshold)]] = True
+    kept = torch.where(keep)[0]
+    return kept[scores[kept].sort(descending=True)[1]]
 
 
 def grouped_nms(

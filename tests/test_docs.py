@@ -422,9 +422,9 @@ def test_python_example_runs(exported, val_images, detector, tmp_path, monkeypat
 # line that names no export benches the shared one (instead of runs/effdet_demo's, or a model the
 # bench would train for minutes: a model trained for a step scores nothing the post-processing
 # check could compare). The served stages (TorchServe, the model's settings and the null handler's)
-# run for the line that names served settings; the other lines run the in-process stages.
+# run for the line that names served settings, and only they; the other lines run the in-process stages.
 BENCH_TINY = ["--repeats", "1", "--warmup", "0", "--images", "2", "--image-side", "96", "--requests", "4",
-              "--served-repeats", "1", "--no-progress", "--no-photo-memory", "--overload", "2:6:1:3"]  # fmt: skip
+              "--served-repeats", "1", "--no-progress", "--no-photo-memory", "--overload", "2:6:1:1"]  # fmt: skip
 # The overload point (capacity clients : clients : deadline s : window s) always shrinks, and so does
 # every named served setting to one worker; the photo sizes, the photos' and the null handler's served
 # settings unless named. The served worker's memory for 40 MP images
@@ -451,8 +451,9 @@ def bench_argv(c: Command, out: Path, export: Path, held_out: Path) -> list[str]
     for flag, value in BENCH_SMALLER.items():
         if flag not in named:
             tiny += [flag, value]
-    if "--stages" not in named and not named & set(SERVED_FLAGS):
-        tiny += ["--stages", "model,effdet,post,handler,fp16"]
+    if "--stages" not in named:  # the line's default stages: the in-process ones, or the served ones
+        served = bool(named & set(SERVED_FLAGS))  # its flags are about; the other lines run the rest
+        tiny += ["--stages", "served,null" if served else "model,effdet,post,handler,fp16"]
     return [*argv, *tiny]
 
 
@@ -557,9 +558,10 @@ def test_client_commands_run(doc_server, doc_detector, images_here, monkeypatch,
     ``--key-file`` before the subcommand, ``--model-store`` after a scale line)."""
     from scripts.client.scale import default_entry, twin_of
 
-    cases = [(c, parse_only("scripts.client", c.argv, monkeypatch)) for c in commands_for("client")]
-    assert [ns.cmd for _, ns in cases].count("scale") >= 3 and any(ns.cmd == "predict" for _, ns in cases)
-    fresh(doc_server, *{ns.model for _, ns in cases})
+    lines = [(c, fewer_workers(c.argv)) for c in commands_for("client")]
+    cases = [(c, argv, parse_only("scripts.client", argv, monkeypatch)) for c, argv in lines]
+    assert [ns.cmd for *_, ns in cases].count("scale") >= 3 and any(ns.cmd == "predict" for *_, ns in cases)
+    fresh(doc_server, *{ns.model for *_, ns in cases})
     s = doc_server.server
     where = [
         "--inference-url",
@@ -571,10 +573,10 @@ def test_client_commands_run(doc_server, doc_detector, images_here, monkeypatch,
     ]
     reference = Reference(doc_detector, batch_size=2)
     monkeypatch.chdir(images_here)
-    for c, ns in cases:
+    for c, argv, ns in cases:
         client = doc_server.client()
         if ns.cmd == "predict":
-            answers = json_documents(run_main("scripts.client", [*where, *c.argv], capsys))
+            answers = json_documents(run_main("scripts.client", [*where, *argv], capsys))
             assert [a["file"] for a in answers] == [str(p) for p in ns.images], c
             for a in answers:
                 assert a["status"] == 200 and a["model"]["name"] == ns.model, (c, a)
@@ -587,7 +589,7 @@ def test_client_commands_run(doc_server, doc_detector, images_here, monkeypatch,
         elif ns.cmd == "scale":
             before = default_entry(client, ns.model)
             printed = run_main(
-                "scripts.client", [*where, *c.argv, "--model-store", str(doc_server.store)], capsys
+                "scripts.client", [*where, *argv, "--model-store", str(doc_server.store)], capsys
             )
             [result] = json_documents(printed)
             had = len(before["workers"])
@@ -608,6 +610,15 @@ def test_client_commands_run(doc_server, doc_detector, images_here, monkeypatch,
                 assert (doc_server.store / twin_file).is_file(), c
         else:
             pytest.fail(f"{c}: no check for `scripts.client {ns.cmd}` here: add one")
+
+
+def fewer_workers(argv: list[str], most: int = 2) -> list[str]:
+    """A client line with its ``--workers`` count capped at ``most``: up stays up and down stays down
+    (the lines go 1 -> 2 -> 4 -> 1), for a worker start less per step (seconds each)."""
+    if "--workers" not in argv:
+        return argv
+    at = argv.index("--workers") + 1
+    return [*argv[:at], str(min(int(argv[at]), most)), *argv[at + 1 :]]
 
 
 def json_documents(text: str) -> list[dict]:

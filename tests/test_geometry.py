@@ -72,3 +72,32 @@ def test_exif_rotation_reaches_the_network_input(tmp_path):
 
     t = decode_image(buf.getvalue())
     assert t.pixels.shape == (3, 64, 32) and t.size == (32, 64)
+
+
+@pytest.mark.parametrize(
+    "size, out", [((3024, 4032), (96, 128)), ((301, 217), (512, 369)), ((50, 700), (9, 128))]
+)
+def test_resize_and_normalise_equal_torchvisions(size, out):
+    """The handler resizes, normalises and converts PIL images with torch alone (no torchvision in a
+    worker): bit for bit what torchvision's ``resize(antialias=True)``, ``normalize`` and
+    ``pil_to_tensor`` give, down, up and for a decoded image's HWC memory (a kernel, rounding or
+    layout slip changes pixels, and training and serving would see different inputs)."""
+    from torchvision.transforms.v2 import functional as F
+
+    from handler.decode import pil_to_tensor
+    from handler.geometry import IMAGENET_MEAN, IMAGENET_STD, resize_uint8
+
+    g = torch.Generator().manual_seed(size[0])
+    hwc = torch.randint(0, 256, (*size, 3), dtype=torch.uint8, generator=g)
+    img = Image.fromarray(hwc.numpy())
+    pixels = pil_to_tensor(img)
+    assert torch.equal(pixels, F.pil_to_tensor(img)) and pixels.stride() == F.pil_to_tensor(img).stride()
+    for chw in (pixels, pixels.contiguous()):
+        want = F.resize(chw, list(out), interpolation=F.InterpolationMode.BILINEAR, antialias=True)
+        got = resize_uint8(chw, *out)
+        assert got.dtype == torch.uint8 and torch.equal(got, want)
+    x, _ = letterbox(pixels, Geometry(size=out))
+    h, w, _ = letterbox_size(*size, out)
+    small = F.resize(pixels, [h, w], interpolation=F.InterpolationMode.BILINEAR, antialias=True)
+    want = F.normalize(small.float() / 255.0, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD))
+    assert torch.equal(x[:, :h, :w], want)

@@ -39,7 +39,7 @@ from handler.config import MAX_BATCH_SIZE, BatchSizeRefused, HandlerConfig
 from handler.detector import Detector, bucket_sizes
 from handler.effdet_handler import EffDetHandler
 from handler.request import REQUEST_ID_ECHO_HEADER, REQUEST_ID_HEADER, Params, valid_request_id
-from tests.helpers import close_detections, count_matched
+from tests.helpers import close_detections, count_matched, run_without_training_stack
 
 MODEL_NAME, MODEL_VERSION = "tiny", "1.0"
 MANIFEST = {
@@ -337,6 +337,28 @@ def test_initialize(worker, card):
     assert h.model_info.to_json() == {"name": MODEL_NAME, "version": MODEL_VERSION}
     assert h.detector.num_classes == len(card["classes"]) == card["effdet_config"]["num_classes"]
     assert str(h.device) == "cpu"
+
+
+SERVE_WITHOUT_TORCHVISION = """
+import handler.effdet_handler
+from handler.detector import Detector
+loaded = sorted(m for m in sys.modules if m.split(".")[0] == "torchvision" or m.startswith("torch._dynamo"))
+detector = Detector(sys.argv[1] + "/model.pt")
+answers = detector.predict([open(f, "rb").read() for f in sys.argv[2:]], score_threshold=0.0)
+print(json.dumps({"loaded": loaded, "answers": answers}))
+"""
+
+
+def test_worker_serves_without_importing_torchvision(exported, synthetic_dir, detector):
+    """A worker imports the handler and runs it with torch alone: no torchvision package (its import
+    pulls in its models and torch._dynamo, ~2 s of every worker start), only its NMS operator, loaded
+    on its own. Catches a handler module that imports torchvision again, and an operator loaded
+    wrongly (the answers would differ from this process's, where torchvision is imported)."""
+    files = [str(p) for p in sorted((synthetic_dir / "images").glob("val_*.jpg"))[:3]]
+    got = run_without_training_stack(SERVE_WITHOUT_TORCHVISION, str(exported), *files)
+    assert got["loaded"] == []
+    want = detector.predict([Path(f).read_bytes() for f in files], score_threshold=0.0)
+    assert got["answers"] == json.loads(json.dumps(want)) and any(a["detections"] for a in want)
 
 
 def test_request_shapes_answer_alike(worker, detector, images, card):

@@ -342,6 +342,21 @@ def test_grouped_nms_equals_per_group_nms(low):
     assert grouped_nms(boxes, scores, torch.zeros_like(groups), 0.5).numel() < got.numel()
 
 
+@pytest.mark.parametrize("low", [-50.0, 1000.5])
+def test_nms_and_per_group_fallback_equal_torchvisions(low):
+    """The handler loads torchvision's NMS operator without the torchvision package and loops over
+    groups itself above GROUPED_NMS_MAX_BOXES: both give torchvision's own kept indices, in order
+    (a wrong operator, a lost sort or a group leaking into another would differ)."""
+    from torchvision.ops import nms as tv_nms
+    from torchvision.ops.boxes import _batched_nms_vanilla
+
+    boxes, scores, groups = _dense_boxes(3000, 8, seed=int(low) + 7, low=low)
+    assert torch.equal(postprocess.nms(boxes, scores, 0.5), tv_nms(boxes, scores, 0.5))
+    want = _batched_nms_vanilla(boxes, scores, groups, 0.5)
+    assert torch.equal(postprocess.batched_nms(boxes, scores, groups, 0.5), want)
+    assert 0 < want.numel() < boxes.shape[0] // 2
+
+
 def test_grouped_nms_empty_and_one_box():
     assert grouped_nms(torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.long), 0.5).numel() == 0
     one = grouped_nms(torch.tensor([[1.0, 1.0, 2.0, 2.0]]), torch.tensor([0.3]), torch.tensor([7]), 0.5)
@@ -371,6 +386,18 @@ def test_batch_32_one_nms_call_equals_detbenchpredict(batch32, monkeypatch):
     assert not calls
     assert_same(got, want)
     assert_nms_did_work(cfg, cls_out, want)
+
+
+def test_batch_32_per_group_fallback_equals_detbenchpredict(batch32, monkeypatch):
+    """Without a score floor 12800 candidates take the per-group loop (above GROUPED_NMS_MAX_BOXES):
+    every row is still effdet's."""
+    cfg, cls_out, box_out, info = batch32
+    calls, real = [], postprocess.batched_nms
+    monkeypatch.setattr(postprocess, "batched_nms", lambda *a: calls.append(a) or real(*a))
+    want = effdet_predict(cfg, cls_out, box_out, info)
+    got = ours(cfg, cls_out, box_out, info)
+    assert calls
+    assert_same(got, want)
 
 
 def test_batch_32_at_a_served_threshold_equals_detbenchpredict(batch32, monkeypatch):
