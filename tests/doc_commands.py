@@ -210,8 +210,8 @@ _GPU = "needs CUDA GPUs; the CPU paths of the same commands are run"
 _DDP = "needs 4 GPUs (and 2 nodes); DDP on the CPU with gloo runs in test_train.py"
 _FORMATS_BENCH = (
     "compiles an AOTInductor package from runs/effdet_demo's checkpoint (minutes); "
-    "test_export_aoti.py::test_bench_runs_both_formats_side_by_side and "
-    "test_onnx.py::test_bench_runs_onnx_beside_torchscript run --formats at tiny settings on the fixture files"
+    "test_bench.py::test_bench_runs_the_three_formats_side_by_side runs --formats torchscript,aoti,onnx at "
+    "tiny settings on the fixture files"
 )
 _OFFLINE = (
     "the offline wheel bundle: downloads from PyPI, then installs a second environment from it; "

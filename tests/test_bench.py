@@ -4,7 +4,8 @@ post-processing output is checked against effdet's (and that check has teeth).
 No timing is asserted anywhere: only shapes, keys, signs and agreement. The stages run on a
 random-weight small-preset model at 128x128 exported by the bench itself (its standalone path);
 the load generator runs against a stub HTTP server here, and against a real TorchServe in the
-``soak`` test (``make soak``).
+``soak`` test (``make soak``). The three network formats side by side run on the shared trained
+run's exports, against a real TorchServe.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import io
 import json
 import math
 import re
+import shutil
 import statistics
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -660,3 +662,45 @@ def test_photos_served_per_size_on_a_real_torchserve(workload, tmp_path):
     assert out["points"][0]["over_first"] == 1.0
     assert set(out["memory"]) == {"jpeg_40mp", "jpeg_40mp_progressive", "png_40mp"}
     assert all(m["peak_rise_mib"] < 1000 for m in out["memory"].values())
+
+
+# -- the network formats side by side ----------------------------------------------------------------
+@pytest.mark.server
+def test_bench_runs_the_three_formats_side_by_side(trained_run, exported, aoti_run, onnx_run, tmp_path):
+    """``python -m scripts.bench --formats torchscript,aoti,onnx`` on a run holding the three exports:
+    the files beside the export are reused (made from the same checkpoint; nothing compiled again),
+    each format is timed alone and in the handler, all three are served at the same setting on one
+    TorchServe, and every request is answered."""
+    from handler.network import NETWORK_FORMATS
+
+    run = tmp_path / "run"
+    shutil.copytree(exported, run / "export")
+    shutil.copytree(aoti_run[0], run / "export_aoti")
+    shutil.copytree(onnx_run[0], run / "export_onnx")
+    results = bench.main(
+        ["--export", str(run / "export"), "--formats", "torchscript,aoti,onnx", "--stages", "model,handler,served",
+         "--batches", "1,2", "--repeats", "1", "--warmup", "1", "--images", "2", "--image-side", "160",
+         "--configs", "2:0:1", "--concurrency", "2", "--requests", "4", "--served-repeats", "1",
+         "--out", str(tmp_path / "bench"), "--no-progress", "--threads", "1"]
+    )  # fmt: skip
+    assert not list(run.glob("export_aoti_*")) and not list(run.glob("export_onnx_*"))  # reused
+    for fmt, out in (("torchscript", "export"), ("aoti", "export_aoti"), ("onnx", "export_onnx")):
+        assert results["formats"][fmt]["file"] == str(run / out / NETWORK_FORMATS[fmt].file)
+    assert [r["batch"] for r in results["model"]] == [1, 2]
+    for fmt in ("aoti", "onnx"):
+        assert [r["batch"] for r in results["formats"][fmt]["model"]] == [1, 2], fmt
+    served = results["served"]
+    assert [(e["format"], e["model"]) for e in served] == [
+        ("torchscript", "effdet_demo_b2_d0_w1"),
+        ("aoti", "effdet_demo_aoti_b2_d0_w1"),
+        ("onnx", "effdet_demo_onnx_b2_d0_w1"),
+    ]
+    for e in served:
+        # "no delay" is served as 1 ms: an archive's 0 would be read as unset, i.e. TorchServe's 100 ms
+        assert (e["reported"]["batchSize"], e["reported"]["maxBatchDelay"]) == (2, 1)
+        assert [(p["failed"], p["statuses"]) for p in e["points"]] == [(0, {"200": 4})]
+    f = results["ratios"]["formats"]
+    for fmt in ("aoti", "onnx"):
+        assert f[fmt]["ceiling_over_torchscript"] > 0 and f[fmt]["handler_best_over_torchscript"] > 0, fmt
+        assert f[fmt]["served_best_over_torchscript"] > 0, fmt
+    assert f["aoti"]["compile_s"] > 0 and f["torchscript"]["compile_s"] is None

@@ -1,5 +1,5 @@
-"""The second export format: torch.export + AOTInductor (``model.pt2``) beside TorchScript (``model.pt``),
-also side by side in the benchmark.
+"""The second export format: torch.export + AOTInductor (``model.pt2``) beside TorchScript (``model.pt``)
+(the three formats side by side in the benchmark: test_bench.py).
 
 AOTInductor compiles C++ (2-4 min for the small preset on 2 busy cores), so the module compiles
 the conftest's trained run once, through the real CLI, and every test shares that package. The
@@ -271,45 +271,6 @@ def test_both_archives_serve_the_same_answers_without_the_training_stack(
         assert "`torch.jit.load` is deprecated" not in log  # the notice stays out of the server log
         assert pids and pids <= srv.blocked_pids(), "the block was not active in the serving workers"
         assert not srv.blocked_imports(pids), "something in the serving path wanted the training stack"
-
-
-# -- the benchmark: both formats side by side ---------------------------------------------------------
-@pytest.mark.server
-def test_bench_runs_both_formats_side_by_side(trained_run, exported, aoti_dir, tmp_path):
-    """``python -m scripts.bench --formats torchscript,aoti`` on a run holding both exports: the package
-    beside the export is reused (compiled from the same checkpoint), both are timed alone and
-    served at the same setting on one TorchServe, and every request of both is answered."""
-    from scripts import bench
-
-    run = tmp_path / "run"
-    shutil.copytree(exported, run / "export")
-    shutil.copytree(aoti_dir, run / "export_aoti")
-    results = bench.main(
-        ["--export", str(run / "export"), "--formats", "torchscript,aoti", "--stages", "model,served",
-         "--batches", "1,2", "--repeats", "1", "--warmup", "1", "--images", "2", "--image-side", "160",
-         "--configs", "2:0:1", "--concurrency", "2", "--requests", "4", "--served-repeats", "1",
-         "--out", str(tmp_path / "bench"), "--no-progress", "--threads", "1"]
-    )  # fmt: skip
-    assert not list(run.glob("export_aoti_*"))  # reused, not compiled again
-    assert results["formats"]["aoti"]["file"] == str(run / "export_aoti" / PACKAGE)
-    assert results["formats"]["torchscript"]["file"] == str(run / "export" / "model.pt")
-    assert (
-        [r["batch"] for r in results["model"]]
-        == [r["batch"] for r in results["formats"]["aoti"]["model"]]
-        == [1, 2]
-    )
-    served = results["served"]
-    assert [(e["format"], e["model"]) for e in served] == [
-        ("torchscript", "effdet_demo_b2_d0_w1"),
-        ("aoti", "effdet_demo_aoti_b2_d0_w1"),
-    ]
-    for e in served:
-        # "no delay" is served as 1 ms: an archive's 0 would be read as unset, i.e. TorchServe's 100 ms
-        assert (e["reported"]["batchSize"], e["reported"]["maxBatchDelay"]) == (2, 1)
-        assert [(p["failed"], p["statuses"]) for p in e["points"]] == [(0, {"200": 4})]
-    f = results["ratios"]["formats"]
-    assert f["aoti"]["ceiling_over_torchscript"] > 0 and f["aoti"]["served_best_over_torchscript"] > 0
-    assert f["aoti"]["compile_s"] > 0 and f["torchscript"]["compile_s"] is None
 
 
 def test_bench_compiles_no_package_it_cannot_trace_back_to_the_checkpoint(

@@ -7,7 +7,6 @@ that file. Each test says which broken product it would catch.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -237,30 +236,3 @@ def test_served_onnx_answers_as_in_process_and_as_torchscript(
         pids = {w["pid"] for m in ("onnx_ts", "onnx_onnx") for e in client.describe(m) for w in e["workers"]}
         assert pids and pids <= srv.blocked_pids(), "the block was not active in the serving workers"
         assert not srv.blocked_imports(pids), "something in the serving path wanted the training stack"
-
-
-# -- the benchmark: side by side ---------------------------------------------------------------------
-@pytest.mark.server
-def test_bench_runs_onnx_beside_torchscript(trained_run, exported, onnx_dir, tmp_path):
-    """``python -m scripts.bench --formats onnx``: the file beside the export is reused (made from the
-    same checkpoint), both formats are timed alone and served at one setting, every request answered."""
-    from scripts import bench
-
-    run = tmp_path / "run"
-    shutil.copytree(exported, run / "export")
-    shutil.copytree(onnx_dir, run / "export_onnx")
-    results = bench.main(
-        ["--export", str(run / "export"), "--formats", "onnx", "--stages", "model,handler,served",
-         "--batches", "1,2", "--repeats", "1", "--warmup", "1", "--images", "2", "--image-side", "160",
-         "--configs", "2:0:1", "--concurrency", "2", "--requests", "4", "--served-repeats", "1",
-         "--out", str(tmp_path / "bench"), "--no-progress", "--threads", "1"]
-    )  # fmt: skip
-    assert not list(run.glob("export_onnx_*"))  # reused, not exported again
-    assert results["formats"]["onnx"]["file"] == str(run / "export_onnx" / FILE)
-    assert [r["batch"] for r in results["formats"]["onnx"]["model"]] == [1, 2]
-    served = results["served"]
-    assert [e["format"] for e in served] == ["torchscript", "onnx"]
-    for e in served:
-        assert [(p["failed"], p["statuses"]) for p in e["points"]] == [(0, {"200": 4})]
-    f = results["ratios"]["formats"]["onnx"]
-    assert f["ceiling_over_torchscript"] > 0 and f["handler_best_over_torchscript"] > 0
