@@ -305,8 +305,11 @@ def test_goodput_under_overload_stays_near_capacity(exported, val_images, tmp_pa
     the test asks the same of a fast machine and of a busy one.
 
     Asserted, as ratios of the same run: answers within the deadline per second >= 0.4 x capacity
-    (measured 0.6-0.9 on a loaded 2-core VM; with the same clients sending no deadline the worker
-    computes answers nobody reads and this falls to ~0.0); only 200, 503 and 504 come back;
+    (measured 0.55-0.65 on a 2-core VM, one core busy elsewhere or not; with the same clients sending
+    no deadline the worker computes answers nobody reads and this falls to 0.03). In time as
+    TorchServe's frontend counts it (its access log: arrival to answer): 96 client threads in this
+    process read their answers late when the machine is busy, which made the clients' own count
+    swing from 0.03 to 0.66 between runs of the same product. Only 200, 503 and 504 come back;
     TorchServe answered every request sent (its access log, after its queue drained: no request
     silently dropped); the worker is the same process throughout.
     """
@@ -315,6 +318,8 @@ def test_goodput_under_overload_stays_near_capacity(exported, val_images, tmp_pa
     from scripts.bench.load import ProcessCPU
     from scripts.bench.overload import (
         EXPECTED,
+        access_log,
+        answered_in_time,
         closed_loop,
         drain,
         overload_client,
@@ -344,18 +349,22 @@ def test_goodput_under_overload_stays_near_capacity(exported, val_images, tmp_pa
         caps = [closed_loop(calm, "busy", images, 8, 10, 3, 300, cpu)]
         clients = 96
         deadline = clients / (3 * caps[0]["goodput"])
+        logged, start = len(access_log(srv, "busy")), time.monotonic()
         over = closed_loop(overload_client(srv, deadline, True), "busy", images, clients,
                            max(12, 4 * deadline), 3 * deadline + 2, deadline, cpu)  # fmt: skip
+        took = time.monotonic() - start
         drain(srv, mgmt, "busy", before, caps[0]["requests"] + over["requests"])  # the queue empties
+        in_time = answered_in_time(access_log(srv, "busy")[logged:], deadline) / took
         caps.append(closed_loop(calm, "busy", images, 8, 10, 3, 300, cpu))
         served = drain(srv, mgmt, "busy", before, sum(p["requests"] for p in (*caps, over)))
         capacity = (caps[0]["goodput"] + caps[1]["goodput"]) / 2
         print(f"\ncapacity {[round(c['goodput'], 2) for c in caps]}/s; {clients} clients, deadline "
-              f"{deadline:.2f} s: goodput {over['goodput']:.2f}/s = {over['goodput'] / capacity:.2f} x; "
-              f"{over['statuses']}; {served}; worker %cpu {[p.get('workers_cpu_pct') for p in (*caps, over)]}")  # fmt: skip
+              f"{deadline:.2f} s: in time {in_time:.2f}/s = {in_time / capacity:.2f} x as the frontend saw it, "
+              f"{over['goodput'] / capacity:.2f} x as the clients did; {over['statuses']}; {served}; "
+              f"worker %cpu {[p.get('workers_cpu_pct') for p in (*caps, over)]}")  # fmt: skip
         for c in caps:
             assert c["goodput"] > 0 and c["statuses"] == {"200": c["finished_in_window"]}, c
-        assert over["goodput"] >= 0.4 * capacity, (caps, over)
+        assert in_time >= 0.4 * capacity, (caps, over, in_time)
         faults = {k: v for k, v in over["statuses"].items() if k.isdigit() and k not in EXPECTED}
         assert not faults and "wrong answer" not in over["statuses"], over["statuses"]
         assert served["lost"] == 0, served

@@ -113,11 +113,25 @@ def server_answers(server, model: str) -> Counter | None:
     """Prediction answers TorchServe's frontend has sent ``model`` so far, by status: its access
     log has one line per answer, written when the answer is sent (also to a client that has
     already given up); None when there is no log to read."""
+    lines = access_log(server, model)
+    return None if lines is None else Counter(status for status, _ in lines)
+
+
+def access_log(server, model: str) -> list[tuple[str, int]] | None:
+    """``(status, ms)`` of each prediction answer to ``model`` in TorchServe's access log, in the
+    order sent: ms is the frontend's own count from the request's arrival to its answer, so a
+    latency measured without the clients' scheduling (many client threads on a small machine
+    read their answers late). None when there is no log to read."""
     logs = sorted((Path(server.workdir) / "logs").glob("access_log*.log*"))
     if not logs:
         return None
-    line = re.compile(rf'"POST /predictions/{re.escape(model)} [^"]*" (\d{{3}}) '.encode())
-    return Counter(m.group(1).decode() for f in logs for m in line.finditer(f.read_bytes()))
+    line = re.compile(rf'"POST /predictions/{re.escape(model)} [^"]*" (\d{{3}}) (\d+)'.encode())
+    return [(m.group(1).decode(), int(m.group(2))) for f in logs for m in line.finditer(f.read_bytes())]
+
+
+def answered_in_time(lines: Sequence[tuple[str, int]], deadline: float) -> int:
+    """How many of ``access_log``'s lines are 200 answers sent within ``deadline`` s of arriving."""
+    return sum(status == "200" and ms <= 1000 * deadline for status, ms in lines)
 
 
 def handler_counters(server, names: Sequence[str] = ("EffDetDeadlineExpired", "EffDetDeadlineLate")) -> dict:
@@ -207,10 +221,15 @@ def bench_overload(
     out: dict = {"capacity_runs": []}
     for name, n, timeout, send in phases:
         before, counted = server_answers(server, model), handler_counters(server)
+        logged, start = len(access_log(server, model) or ()), time.monotonic()
         point = closed_loop(
             overload_client(server, timeout, send), model, payloads, n, seconds, warmup, timeout, cpu
         )
+        took = time.monotonic() - start
         point.update(drain(server, mgmt, model, before, point["requests"]))
+        # the same figure as the frontend sees it, over the whole phase (warm-up included)
+        point["server_in_time"] = answered_in_time((access_log(server, model) or [])[logged:], timeout)
+        point["server_goodput"] = point["server_in_time"] / took
         point["handler_504"] = {k: v - counted.get(k, 0) for k, v in handler_counters(server).items()}
         # answers computed for clients that had already left: the server sent a 200, nobody read it
         point["unread_200"] = (point["server_statuses"] or {}).get("200", 0) - point["ok_total"]
