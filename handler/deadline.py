@@ -94,19 +94,30 @@ class BatchCost:
     Before a size has been measured its cost is scaled from the nearest measured size (in
     proportion to the rows: what a CPU does; a GPU is cheaper, so this errs on the side of
     dropping). Before any batch at all it is unknown (None): then only rows whose deadline has
-    already passed are dropped, never a row on a guess.
+    already passed are dropped, never a row on a guess. It is unknown again once no batch has run
+    for ``max_age_ms``, and the next batch starts it afresh: only a batch that runs updates the
+    estimate, so one slow batch (a cold start, a stall of the machine) would otherwise refuse every
+    row with a shorter deadline for ever; under load batches run all the time and it never ages.
     """
 
-    def __init__(self, weight: float = 0.25, spread: float = 2.0):
-        if not 0 < weight <= 1 or spread < 0:
-            raise ValueError(f"weight must be in (0, 1] and spread >= 0, got {weight}, {spread}")
-        self.weight, self.spread = weight, spread
+    def __init__(self, weight: float = 0.25, spread: float = 2.0, max_age_ms: float = 5000.0):
+        if not 0 < weight <= 1 or spread < 0 or max_age_ms <= 0:
+            raise ValueError(
+                f"weight must be in (0, 1], spread >= 0 and max_age_ms > 0, got {weight}, {spread}, {max_age_ms}"
+            )
+        self.weight, self.spread, self.max_age_ms = weight, spread, max_age_ms
         self.mean: dict[int, float] = {}
         self.dev: dict[int, float] = {}
+        self.measured_ms = -math.inf  # when the last batch was measured (Unix ms)
 
-    def update(self, size: int, ms: float) -> None:
+    def update(self, size: int, ms: float, now_ms: float) -> None:
+        """A batch of ``size`` rows took ``ms``, measured at ``now_ms``."""
         if size < 1 or not math.isfinite(ms) or ms < 0:
             return
+        if now_ms - self.measured_ms > self.max_age_ms:  # the old figures have aged out: start afresh
+            self.mean.clear()
+            self.dev.clear()
+        self.measured_ms = now_ms
         if size not in self.mean:
             self.mean[size], self.dev[size] = ms, ms / 4
             return
@@ -114,11 +125,12 @@ class BatchCost:
         self.dev[size] += w * (abs(ms - self.mean[size]) - self.dev[size])
         self.mean[size] += w * (ms - self.mean[size])
 
-    def estimate(self, size: int) -> float | None:
-        """What a batch of ``size`` rows is planned to cost, in ms (None: nothing measured yet)."""
+    def estimate(self, size: int, now_ms: float) -> float | None:
+        """What a batch of ``size`` rows is planned to cost at ``now_ms``, in ms (None: nothing
+        measured, or nothing for ``max_age_ms``)."""
         if size < 1:
             return 0.0
-        if not self.mean:
+        if not self.mean or now_ms - self.measured_ms > self.max_age_ms:
             return None
         nearest = min(self.mean, key=lambda m: (abs(m - size), -m))
         return (self.mean[nearest] + self.spread * self.dev[nearest]) * size / nearest

@@ -122,12 +122,15 @@ class EffDetHandler(BaseHandler):
     def _in_time(self, items: list, raws: list[bytes], deadlines: list, now_ms: float) -> list[bytes]:
         """Answer 504 (in ``items``) the rows that cannot finish before their deadlines if this
         batch runs now; the bytes of the rows that run."""
-        cost = self.batch_cost.estimate
-        keep = can_finish(deadlines, now_ms, lambda k: cost(self.detector.bucket(k)))
+
+        def cost(k: int) -> float | None:
+            return self.batch_cost.estimate(self.detector.bucket(k), now_ms)
+
+        keep = can_finish(deadlines, now_ms, cost)
         if all(keep):
             return raws
         slots = [i for i, it in enumerate(items) if isinstance(it, Params)]
-        late = too_late(cost(self.detector.bucket(len(raws))))
+        late = too_late(cost(len(raws)))
         for slot, ok in zip(slots, keep, strict=True):
             if not ok:
                 items[slot] = late
@@ -206,7 +209,7 @@ class EffDetHandler(BaseHandler):
         t3 = time.perf_counter()
         ran = sum(isinstance(it, tuple) for it in items)
         if ran:  # what this batch cost, decode to JSON: the deadline check of the next ones
-            self.batch_cost.update(self.detector.bucket(ran), (t3 - t0) * 1000)
+            self.batch_cost.update(self.detector.bucket(ran), (t3 - t0) * 1000, time.time() * 1000)
         self._metrics(context, t1 - t0, t2 - t1, t3 - t2, answers, self.dropped)
         return answers
 

@@ -124,27 +124,43 @@ def test_client_sends_each_attempt_its_own_deadline(tmp_path, deadlines):
 
 def test_batch_cost_unknown_until_measured_then_learnt_with_a_margin_and_scaled():
     cost = BatchCost(weight=0.5, spread=2.0)
-    assert cost.estimate(4) is None  # before the first batch: unknown, nothing is dropped on a guess
-    cost.update(4, 400.0)
-    assert cost.estimate(4) == 400.0 + 2 * 100.0  # one sample: its deviation taken as a quarter of it
+    t = 1e12  # the clock (Unix ms), passed in
+    assert cost.estimate(4, t) is None  # before the first batch: unknown, nothing is dropped on a guess
+    cost.update(4, 400.0, t)
+    assert cost.estimate(4, t) == 400.0 + 2 * 100.0  # one sample: its deviation taken as a quarter of it
     for _ in range(30):
-        cost.update(4, 300.0)
-    assert cost.estimate(4) == pytest.approx(300.0, abs=1e-3)  # steady batches: the margin vanishes
+        cost.update(4, 300.0, t)
+    assert cost.estimate(4, t) == pytest.approx(300.0, abs=1e-3)  # steady batches: the margin vanishes
     for ms in (200.0, 400.0) * 10:
-        cost.update(4, ms)
+        cost.update(4, ms, t)
     mean, dev = cost.mean[4], cost.dev[4]
     assert (
-        250 < mean < 350 and dev > 50 and cost.estimate(4) == mean + 2 * dev
+        250 < mean < 350 and dev > 50 and cost.estimate(4, t) == mean + 2 * dev
     )  # noisy: planned above the mean
-    assert cost.estimate(8) == pytest.approx(2 * cost.estimate(4))  # scaled from the nearest size
-    assert cost.estimate(2) == pytest.approx(cost.estimate(4) / 2)
-    cost.update(1, 50.0)
-    assert cost.estimate(2) == pytest.approx(2 * cost.estimate(1))  # 1 is nearer to 2 than 4 is
-    assert cost.estimate(0) == 0.0
-    before = cost.estimate(4)
-    cost.update(4, math.nan)
-    cost.update(4, -1.0)
-    assert cost.estimate(4) == before  # nonsense measurements are ignored
+    assert cost.estimate(8, t) == pytest.approx(2 * cost.estimate(4, t))  # scaled from the nearest size
+    assert cost.estimate(2, t) == pytest.approx(cost.estimate(4, t) / 2)
+    cost.update(1, 50.0, t)
+    assert cost.estimate(2, t) == pytest.approx(2 * cost.estimate(1, t))  # 1 is nearer to 2 than 4 is
+    assert cost.estimate(0, t) == 0.0
+    before = cost.estimate(4, t)
+    cost.update(4, math.nan, t + 1000)
+    cost.update(4, -1.0, t + 1000)
+    assert cost.estimate(4, t) == before  # nonsense measurements are ignored
+
+
+def test_batch_cost_unknown_again_when_no_batch_has_run_for_a_while():
+    """Only a batch that runs updates the estimate: one slow batch (a cold start, a stall) set it at
+    60 s, and every later row due within a minute would be refused without running, for ever. An
+    estimate no batch has confirmed for ``max_age_ms`` is unknown again (rows run), and the next batch
+    starts it afresh (one fresh sample against the old 40 s mean would still plan 65 s)."""
+    cost = BatchCost(max_age_ms=5000)
+    cost.update(1, 40_000.0, 1e12)
+    assert cost.estimate(1, 1e12 + 5000) == pytest.approx(60_000.0)
+    assert cost.estimate(4, 1e12 + 5001) is None
+    cost.update(1, 30.0, 1e12 + 9000)  # the next batch starts the estimate afresh
+    assert cost.estimate(1, 1e12 + 9000) == 30.0 * 1.5 and cost.estimate(2, 1e12 + 9000) == 90.0
+    with pytest.raises(ValueError, match="max_age_ms"):
+        BatchCost(max_age_ms=0)
 
 
 def test_rows_that_cannot_finish_are_dropped_most_urgent_first():
@@ -248,7 +264,7 @@ def test_rows_that_cannot_finish_in_time_are_dropped_before_decoding(worker, val
     handler: EffDetHandler = worker.handler
     det = handler.detector
     for b in det.buckets:
-        handler.batch_cost.mean[b], handler.batch_cost.dev[b] = 60_000.0, 0.0
+        handler.batch_cost.update(b, 60_000.0, now_ms())
     counted = Counted(worker, monkeypatch)
     answers = worker.predict(
         [req(val_images[0], int(now_ms()) + 600_000), req(val_images[1], int(now_ms()) + 2000),
@@ -270,8 +286,24 @@ def test_before_any_measurement_only_expired_rows_are_dropped(worker, val_images
     counted = Counted(worker, monkeypatch)
     [a] = worker.predict([req(val_images[0], int(now_ms()) + 3000)])
     assert a.status == 200 and counted.forwarded == 1
-    first = handler.batch_cost.estimate(handler.detector.bucket(1))
+    first = handler.batch_cost.estimate(handler.detector.bucket(1), now_ms())
     assert first is not None and first > 0
+
+
+def test_a_slow_batch_long_ago_refuses_nothing(worker, val_images, monkeypatch):
+    """A batch measured at 60 s ten seconds ago, none since: a row due in 2 s is served (200) and
+    the estimate is learnt again from its batch. Catches a handler that keeps refusing every row on
+    one old slow batch (nothing runs, so nothing corrects it): on a busy machine one batch of a model
+    that takes 30 ms took 1.6 s, and clients that all send 2 s deadlines would get 504 for ever."""
+    handler: EffDetHandler = worker.handler
+    handler.batch_cost = BatchCost()
+    for b in handler.detector.buckets:
+        handler.batch_cost.update(b, 60_000.0, now_ms() - 10_000)
+    counted = Counted(worker, monkeypatch)
+    [a] = worker.predict([req(val_images[0], int(now_ms()) + 2000)])
+    assert a.status == 200 and counted.forwarded == 1
+    assert handler.batch_cost.estimate(handler.detector.bucket(1), now_ms()) < 2000  # learnt afresh
+    handler.batch_cost = BatchCost()
 
 
 def test_a_describe_row_and_the_kinds_of_bodies_keep_their_deadline_rules(worker, val_images):
