@@ -114,7 +114,7 @@ class BatchCost:
         """A batch of ``size`` rows took ``ms``, measured at ``now_ms``."""
         if size < 1 or not math.isfinite(ms) or ms < 0:
             return
-        if now_ms - self.measured_ms > self.max_age_ms:  # the old figures have aged out: start afresh
+        if self._aged(now_ms):  # the old figures are forgotten: start afresh
             self.mean.clear()
             self.dev.clear()
         self.measured_ms = now_ms
@@ -125,12 +125,16 @@ class BatchCost:
         self.dev[size] += w * (abs(ms - self.mean[size]) - self.dev[size])
         self.mean[size] += w * (ms - self.mean[size])
 
+    def _aged(self, now_ms: float) -> bool:
+        """No batch has been measured for longer than ``max_age_ms``."""
+        return now_ms - self.measured_ms > self.max_age_ms
+
     def estimate(self, size: int, now_ms: float) -> float | None:
         """What a batch of ``size`` rows is planned to cost at ``now_ms``, in ms (None: nothing
         measured, or nothing for ``max_age_ms``)."""
         if size < 1:
             return 0.0
-        if not self.mean or now_ms - self.measured_ms > self.max_age_ms:
+        if not self.mean or self._aged(now_ms):
             return None
         nearest = min(self.mean, key=lambda m: (abs(m - size), -m))
         return (self.mean[nearest] + self.spread * self.dev[nearest]) * size / nearest
