@@ -7,7 +7,10 @@ time on answers nobody reads. So before any row is decoded the handler answers a
 
 - a row whose deadline has passed: ``504 deadline_exceeded``;
 - a row that cannot be answered in time: ``504 deadline_exceeded`` too, judged from what a batch
-  of that size has cost in this worker (``BatchCost``, learnt from real batches).
+  of that size has cost in this worker (``BatchCost``, learnt from real batches) plus a margin for
+  the answer's way back to the caller (the worker's reply, TorchServe's frontend, the network),
+  which the worker cannot see: without it a row run at the edge of its deadline leaves the
+  handler in time and reaches its caller too late.
 
 Everything here is pure: clocks are passed in, so the rules are testable without a server.
 """
@@ -73,13 +76,14 @@ def expired(deadline_ms: float, now_ms: float) -> RequestError:
     )
 
 
-def too_late(cost_ms: float) -> RequestError:
+def too_late(cost_ms: float, margin_ms: float = 0.0) -> RequestError:
     """The answer for a row that could not be finished before its deadline."""
+    way_back = f", and its answer about {round(margin_ms)} ms to reach you" if margin_ms else ""
     return RequestError(
         504,
         "deadline_exceeded",
         f"the request cannot be answered before its deadline ({DEADLINE_HEADER}): "
-        f"its batch would take about {round(cost_ms)} ms here",
+        f"its batch would take about {round(cost_ms)} ms here{way_back}",
     )
 
 
@@ -141,14 +145,18 @@ class BatchCost:
 
 
 def can_finish(
-    deadlines: Sequence[float | None], now_ms: float, cost_ms: Callable[[int], float | None]
+    deadlines: Sequence[float | None],
+    now_ms: float,
+    cost_ms: Callable[[int], float | None],
+    margin_ms: float = 0.0,
 ) -> list[bool]:
-    """Which rows to run: the most rows that all finish before their deadlines if run together now.
+    """Which rows to run: the most rows that all finish ``margin_ms`` before their deadlines if run
+    together now.
 
     ``cost_ms(k)`` is what a batch of k rows costs (None: unknown, every row runs). Rows without a
     deadline always run. Of the rows with one, the latest deadlines are kept first: k rows fit
-    when the earliest deadline among the k latest is at least ``now + cost(k)``. Fewer rows make
-    a cheaper batch, so dropping the most urgent rows can let the others through.
+    when the earliest deadline among the k latest is at least ``now + cost(k) + margin``. Fewer
+    rows make a cheaper batch, so dropping the most urgent rows can let the others through.
     """
     n = len(deadlines)
     timed = sorted((i for i, d in enumerate(deadlines) if d is not None), key=lambda i: deadlines[i])
@@ -157,7 +165,7 @@ def can_finish(
         cost = cost_ms(n - dropped)
         if cost is None:
             return [True] * n
-        if deadlines[timed[dropped]] >= now_ms + cost:
+        if deadlines[timed[dropped]] >= now_ms + cost + margin_ms:
             break
         dropped += 1
     late = set(timed[:dropped])

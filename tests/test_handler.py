@@ -868,6 +868,15 @@ def test_warm_up_budget():
             HandlerConfig(warmup_seconds=bad)
 
 
+def test_deadline_margin_setting():
+    """``deadline_margin_ms``: a number of ms >= 0 (0 turns the margin off), from the handler section."""
+    assert HandlerConfig().deadline_margin_ms == 50.0
+    assert HandlerConfig.from_yaml({"deadline_margin_ms": 0}).deadline_margin_ms == 0.0
+    for bad in (-1, float("inf"), float("nan"), True, "5"):
+        with pytest.raises(ValueError, match="deadline_margin_ms"):
+            HandlerConfig(deadline_margin_ms=bad)
+
+
 def test_batch_size_refused_at_load(model_dir):
     """A batchSize above MAX_BATCH_SIZE (TorchServe registers any) is refused before the model is
     loaded, as a RuntimeError: TorchServe's worker then answers the load with a 500 and logs the
