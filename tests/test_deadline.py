@@ -498,6 +498,10 @@ def test_overload_stage_and_its_arguments():
     assert "overload" in bench.STAGES
     assert bench.parse_args([]).overload == (32, 128, 2.0, 30.0)
     assert bench.parse_args(["--overload", "16:64:1.5:20"]).overload == (16, 64, 1.5, 20.0)
+    assert bench.parse_args(["--overload", "2:6:1:1:0.5"]).overload == (2, 6, 1.0, 1.0, 0.5)
+    for bad in ("16:64:1.5", "1:2:3:4:5:6"):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--overload", bad])
 
 
 def test_archives_may_give_workers_longer_to_start():

@@ -16,6 +16,7 @@ import argparse
 import importlib
 import json
 import os
+import random
 import re
 import shlex
 import shutil
@@ -424,8 +425,8 @@ def test_python_example_runs(exported, val_images, detector, tmp_path, monkeypat
 # check could compare). The served stages (TorchServe, the model's settings and the null handler's)
 # run for the line that names served settings, and only they; the other lines run the in-process stages.
 BENCH_TINY = ["--repeats", "1", "--warmup", "0", "--images", "2", "--image-side", "96", "--requests", "4",
-              "--served-repeats", "1", "--no-progress", "--no-photo-memory", "--overload", "2:6:1:1"]  # fmt: skip
-# The overload point (capacity clients : clients : deadline s : window s) always shrinks, and so does
+              "--served-repeats", "1", "--no-progress", "--no-photo-memory", "--overload", "2:6:1:1:1"]  # fmt: skip
+# The overload point (capacity clients : clients : deadline s : window s : warm-up s) always shrinks, and so does
 # every named served setting to one worker; the photo sizes, the photos' and the null handler's served
 # settings unless named. The served worker's memory for 40 MP images
 # is test_photos.py's.
@@ -459,18 +460,20 @@ def bench_argv(c: Command, out: Path, export: Path, held_out: Path) -> list[str]
 
 @pytest.mark.server
 @pytest.mark.timeout(900)
-def test_bench_commands_run(exported, synthetic_dir, tmp_path, monkeypatch, capsys):
+def test_bench_commands_run(exported, tmp_path, monkeypatch, capsys):
     """Each bench line at tiny settings: it finishes without a failed stage, writes its JSON, table and
     plot, and the figures are there for the stages it ran: the served points (the null handler's
-    included) with every request answered 200."""
+    included) with every request answered 200. The accuracy stage scores two held-out scenes (each
+    is upscaled to 4032 px and decoded twice: ~2 s a scene)."""
     from scripts import bench
+    from train.synthetic import write_split
 
+    held_out = tmp_path / "held_out"
+    write_split(held_out, "val", 2, random.Random(1))
     cases = commands_for("bench")
     assert any(c.program == "make" for c in cases)
     served = [
-        c
-        for c in cases
-        if "served" in bench.parse_args(bench_argv(c, tmp_path, exported, synthetic_dir)).stages
+        c for c in cases if "served" in bench.parse_args(bench_argv(c, tmp_path, exported, held_out)).stages
     ]
     assert served, "no bench line runs the served stages"
     (tmp_path / "runs" / "myrun").mkdir(parents=True)
@@ -478,7 +481,7 @@ def test_bench_commands_run(exported, synthetic_dir, tmp_path, monkeypatch, caps
     monkeypatch.chdir(tmp_path)
     for i, c in enumerate(cases):
         out = tmp_path / f"bench{i}"
-        argv = bench_argv(c, out, exported, synthetic_dir)
+        argv = bench_argv(c, out, exported, held_out)
         running = list(helpers.LIVE_SERVERS)
         t0 = time.monotonic()
         results = bench.main(argv)

@@ -75,10 +75,15 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.replace(" ", "").split(",") if x)
 
 
-def _overload(text: str) -> tuple[int, int, float, float]:
-    """``CAPACITY_CLIENTS:CLIENTS:DEADLINE_S:SECONDS`` -> the overload stage's point."""
-    cap, clients, deadline, seconds = text.replace(" ", "").split(":")
-    return int(cap), int(clients), float(deadline), float(seconds)
+def _overload(text: str) -> tuple[float, ...]:
+    """``CAPACITY_CLIENTS:CLIENTS:DEADLINE_S:SECONDS[:WARMUP_S]`` -> the overload stage's point."""
+    parts = text.replace(" ", "").split(":")
+    if len(parts) not in (4, 5):
+        raise argparse.ArgumentTypeError(
+            f"CAPACITY_CLIENTS:CLIENTS:DEADLINE_S:SECONDS[:WARMUP_S], got {text!r}"
+        )
+    cap, clients, *seconds = parts
+    return int(cap), int(clients), *(float(x) for x in seconds)
 
 
 def _configs(text: str) -> tuple[ServedSetting, ...]:
@@ -166,7 +171,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--overload",
         type=_overload,
-        help="overload stage: capacity clients:clients:deadline s:window s (default "
+        help="overload stage: capacity clients:clients:deadline s:window s[:warm-up s before each window, "
+        "default max(5, 3 x deadline)] (default "
         f"{':'.join(f'{x:g}' for x in FULL['overload'])}; quick {':'.join(f'{x:g}' for x in QUICK['overload'])})",
     )
     p.add_argument("--images", type=int, help="distinct JPEG images (default: the largest batch)")
@@ -441,9 +447,10 @@ def run(a: argparse.Namespace, argv: list[str] | None = None) -> dict:
         results["accuracy"] = bench_accuracy(w, heldout(a.photo_data, out_dir, a.seed), progress)
 
     def overload() -> None:
-        cap, clients, deadline, seconds = a.overload
+        cap, clients, deadline, seconds, *named = a.overload
+        warmup = named[0] if named else max(5.0, 3 * deadline)  # the queue fills, the batch cost settles
         results["overload"] = bench_overload_served(
-            w, a.name, OVERLOAD_SETTING, cap, clients, deadline, seconds, max(5.0, 3 * deadline), a.threads,
+            w, a.name, OVERLOAD_SETTING, cap, clients, deadline, seconds, warmup, a.threads,
             out_dir / "overload", progress,
         )  # fmt: skip
 
