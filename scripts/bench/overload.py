@@ -290,4 +290,5 @@ def bench_overload_served(
     finally:
         server.stop()
     b, d, n = setting
-    return {"batch_size": b, "max_batch_delay": d, "workers": n, "model": model, **result}
+    return {"batch_size": b, "max_batch_delay": d, "workers": n, "model": model,
+            "deadline_margin_ms": handler.deadline_margin_ms, **result}  # fmt: skip

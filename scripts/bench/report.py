@@ -256,7 +256,8 @@ def overload_section(results: dict) -> list[tuple[str, str]]:
                "unread 200", "lost", "workers %cpu", "client %cpu")  # fmt: skip
     title = (
         f"overload: batchSize {over['batch_size']}, maxBatchDelay {over['max_batch_delay']} ms, "
-        f"{over['workers']} worker(s); closed-loop clients, each giving up after its timeout; phases in turn, "
+        f"{over['workers']} worker(s), deadline margin {over.get('deadline_margin_ms', 0):g} ms; closed-loop "
+        "clients, each giving up after its timeout; phases in turn, "
         f"{over['capacity_runs'][0]['window_s']:.0f} s windows after a warm-up"
     )
     lines = [
