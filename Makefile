@@ -26,13 +26,14 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	JAVA_HOME=$$($(JAVA_HOME_CMD)) $(BIN)/python -m scripts.demo --name $(NAME)
 
-# The whole suite: real TorchServe servers, training and AOTInductor compiles included (what CI runs).
+# The whole suite: real TorchServe servers, training and AOTInductor compiles included (what CI runs),
+# a pytest process per CPU core (pytest-xdist; tests handed out as processes free up).
 test: $(STAMP)
-	JAVA_HOME=$$($(JAVA_HOME_CMD)) $(BIN)/python -m pytest -m "not soak" tests
+	JAVA_HOME=$$($(JAVA_HOME_CMD)) $(BIN)/python -m pytest -n auto --dist worksteal -m "not soak" tests
 
 # The unit layer: no TorchServe, no training beyond the shared fixture's few steps, no export but the shared one.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not server and not train and not compile and not soak" tests
+	$(BIN)/python -m pytest -n auto --dist worksteal -m "not server and not train and not compile and not soak" tests
 
 soak: $(STAMP)
 	JAVA_HOME=$$($(JAVA_HOME_CMD)) $(BIN)/python -m pytest -m soak tests

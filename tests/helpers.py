@@ -421,7 +421,8 @@ class Reference:
 
     The network's output for an image depends on the size of the batch it runs in, in the last
     float bits, and on nothing else: not on its batch-mates, not on its place (tests/test_buckets.py
-    pins that). So a served answer equals one of these exactly; an image answered with another
+    pins that); with the same torch thread count, which conftest sets alike for this process and
+    the servers it starts. So a served answer equals one of these exactly; an image answered with another
     image's detections, a lost parameter or a mixed-up row matches none.
     """
 
