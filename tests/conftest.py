@@ -42,9 +42,9 @@ os.environ.setdefault("PYTHONPATH", str(ROOT))
 # Intra-op threads, the same in this process and in every process it starts (TorchServe workers
 # whose handler sets none, the CLIs: torch reads OMP_NUM_THREADS when it starts), so in-process
 # references and served answers agree to the last float bit (a compiled network's sums depend on
-# the thread count). Run one test at a time: two. Under pytest-xdist (``make test``, a process per
-# core): one, for two threads per process on as many cores as processes spin against each other
-# (the whole suite on 2 cores: 11:12 with two threads per process, 8:29 with one; 11:06 serial).
+# the thread count). One test at a time: two. Under pytest-xdist (``make test``, a process per
+# core): one, since N processes of two threads each on N cores spin against each other (the whole
+# suite on 2 cores: 11:12 with two threads per process, 8:29 with one; 11:06 serial).
 TORCH_THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1))
 os.environ["OMP_NUM_THREADS"] = str(TORCH_THREADS)
 torch.set_num_threads(TORCH_THREADS)

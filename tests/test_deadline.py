@@ -293,28 +293,31 @@ def test_rows_that_cannot_finish_in_time_are_dropped_before_decoding(worker, val
     handler.batch_cost = BatchCost()
 
 
-def test_the_margin_for_the_way_back_is_the_model_configs(worker, val_images, monkeypatch):
-    """A row due 400 ms after its batch is planned to end is served with no margin and refused
-    with the model's ``deadline_margin_ms`` above 400 (the 504 says so). Catches a handler that
-    plans rows to end at their deadline: on a busy 2-core machine such rows left the handler in
-    time and half of them reached their callers after it (the overload test's in-time answers
-    fell to 0.25 x capacity)."""
-    handler: EffDetHandler = worker.handler
-    assert handler.deadline_margin_ms == HandlerConfig().deadline_margin_ms > 0
+def test_the_margin_for_the_way_back_is_the_model_configs(worker, model_dir, val_images, tmp_path):
+    """A row due 400 ms after its batch is planned to end: served by a worker with the default
+    margin, refused by one whose model-config.yaml sets ``deadline_margin_ms: 800`` (the 504 says
+    so). Catches a handler that plans rows to end at their deadline (on a busy 2-core machine such
+    rows left the handler in time and half of them reached their callers after it: the overload
+    test's in-time answers fell to 0.25 x capacity), or that ignores the model's setting."""
+    wide = tmp_path / "wide_margin"
+    shutil.copytree(model_dir, wide)
+    (wide / "model-config.yaml").write_text("handler:\n  deadline_margin_ms: 800\n")
 
-    def one_row(margin: float):
-        handler.batch_cost = BatchCost()
+    def one_row(w: Worker):
+        handler: EffDetHandler = w.handler
         for b in handler.detector.buckets:
             handler.batch_cost.update(b, 1000.0, now_ms())  # planned: 1000 + 2 x 250 ms
-        monkeypatch.setattr(handler, "deadline_margin_ms", margin)
-        [a] = worker.predict([req(val_images[0], int(now_ms()) + 1500 + 400)])
+        try:
+            [a] = w.predict([req(val_images[0], int(now_ms()) + 1500 + 400)])
+        finally:
+            handler.batch_cost = BatchCost()
         return a
 
-    assert one_row(0.0).status == 200
-    refused = one_row(800.0)
+    assert worker.handler.deadline_margin_ms == HandlerConfig().deadline_margin_ms < 400
+    assert one_row(worker).status == 200
+    refused = one_row(Worker(wide))
     assert (refused.status, refused.body["error"]["code"]) == (504, "deadline_exceeded")
     assert "about 800 ms to reach you" in refused.body["error"]["message"]
-    handler.batch_cost = BatchCost()
 
 
 def test_before_any_measurement_only_expired_rows_are_dropped(worker, val_images, monkeypatch):
