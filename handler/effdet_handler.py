@@ -19,7 +19,7 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from handler.answer import ModelInfo, RequestError
 from handler.card import ModelCard
-from handler.config import DEADLINE_MARGIN_MS, BatchSizeRefused, HandlerConfig, check_batch_size
+from handler.config import BatchSizeRefused, HandlerConfig, check_batch_size
 from handler.deadline import DEADLINE_HEADER, BatchCost, can_finish, expired, parse_deadline, too_late
 from handler.decode import IMAGE_FORMATS
 from handler.detector import Detector, bucket_sizes
@@ -34,7 +34,6 @@ class EffDetHandler(BaseHandler):
     def __init__(self):
         super().__init__()
         self.batch_cost = BatchCost()  # what a batch of each bucket size costs here (deadlines)
-        self.deadline_margin_ms = DEADLINE_MARGIN_MS  # kept for an answer's way back to its caller
         self.dropped = {"expired": 0, "late": 0}  # rows answered 504 in the current batch
 
     def initialize(self, context) -> None:
@@ -44,7 +43,7 @@ class EffDetHandler(BaseHandler):
         batch_size = check_batch_size(int(props.get("batch_size") or 1))
         yaml_config = getattr(context, "model_yaml_config", None) or {}
         cfg = HandlerConfig.from_yaml(yaml_config.get("handler"))
-        self.deadline_margin_ms = cfg.deadline_margin_ms
+        self.deadline_margin_ms = cfg.deadline_margin_ms  # kept for an answer's way back to its caller
         gpu_id = props.get("gpu_id")
         if torch.cuda.is_available() and gpu_id is not None:
             self.device = torch.device(f"cuda:{gpu_id}")
